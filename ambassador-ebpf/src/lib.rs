@@ -1,0 +1,424 @@
+//! Types and selection primitives shared by the XDP program and userspace.
+//!
+//! Everything here is `no_std`, `#[repr(C)]` without implicit padding, and compiled into both the
+//! eBPF object and the `ambassador` binary, so the kernel and userspace hash, key and index flows
+//! with the *same* code. Userspace adds the table builder (`ambassador::select`) on top of these.
+//!
+//! # Byte-order convention
+//! Addresses and ports are kept exactly as they sit in the packet ("wire words"): an IPv4 address
+//! is the `u32` whose in-memory bytes are the four octets, a port is the `u16` whose in-memory
+//! bytes are the big-endian port. Use [`addr4`], [`addr6`] and [`wire_port`] to build them from
+//! host values. Hashing and checksums work on these words directly, so no byte swap ever happens
+//! on the packet path.
+//!
+//! # Map layout (the design; the XDP program and `ambassador::dataplane::kernel` follow it)
+//! | map | type | key → value | entries | written by | read by |
+//! |---|---|---|---|---|---|
+//! | `SERVICES` | hash | [`ServiceKey`] → [`Service`] | [`MAX_SERVICES`] | daemon | XDP |
+//! | `BACKENDS` | array | backend id → [`Backend`] | [`MAX_BACKENDS`] | daemon | XDP |
+//! | `RINGS` | array | `ring * TABLE_SIZE + slot` → backend id | `2 * MAX_SERVICES * TABLE_SIZE` | daemon | XDP |
+//! | `FLOWS` | LRU hash | [`FlowKey`] → [`Flow`] | [`FLOW_TABLE_SIZE`] | XDP (daemon may read/flush) | XDP |
+//! | `ADDR_FILTER` | array | [`filter_index`] of an address → [`FILTER_SERVICE`]/[`FILTER_BACKEND`] bits | [`FILTER_SIZE`] | daemon | XDP |
+//! | `SERVICE_STATS` | per-CPU array | service id → [`Counters`] | [`MAX_SERVICES`] | XDP | daemon |
+//! | `BACKEND_STATS` | per-CPU array | backend id → [`Counters`] | [`MAX_BACKENDS`] | XDP | daemon |
+//! | `GLOBAL_STATS` | per-CPU array | [`Stat`] → `u64` | [`STAT_COUNT`] | XDP | daemon |
+//!
+//! Each service owns two rings (`2 * id` and `2 * id + 1`). A reload writes the whole new table
+//! into the ring that is not live, then points [`Service::ring`] at it with one `SERVICES` update,
+//! so no packet ever sees a half-written table.
+#![no_std]
+
+/// Size of each consistent-hash lookup table: a prime, as Maglev requires, and large enough that
+/// a 1-in-10 weight lands within 0.2% of its share (see `ambassador::select`).
+pub const TABLE_SIZE: u32 = 65_537;
+/// Services the kernel can hold (each costs `2 * TABLE_SIZE * 4` bytes of rings, 512 KiB).
+pub const MAX_SERVICES: u32 = 64;
+/// Backends across all services.
+pub const MAX_BACKENDS: u32 = 4_096;
+/// Tracked flows (each flow uses two entries: forward and reverse).
+pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Entries of the address pre-filter; a power of two.
+pub const FILTER_SIZE: u32 = 4_096;
+/// `ADDR_FILTER` bit: some service listens on an address folding to this index.
+pub const FILTER_SERVICE: u32 = 1;
+/// `ADDR_FILTER` bit: some backend has an address folding to this index.
+pub const FILTER_BACKEND: u32 = 2;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// [`Service::flags`]: hand the service's packets to the local stack (userspace terminates
+/// them, e.g. TLS) instead of forwarding them in the kernel.
+pub const SERVICE_PASS_TO_STACK: u32 = 1;
+
+/// [`Flow::direction`]: client → service, rewrite the destination to the backend.
+pub const FLOW_FORWARD: u32 = 0;
+/// [`Flow::direction`]: backend → client, rewrite the source to the service address.
+pub const FLOW_REVERSE: u32 = 1;
+
+/// Backend id stored in a ring slot when the service has no backend at all.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// How the client is identified when a new flow picks its backend.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyMode {
+    /// The client's address: every connection of a client goes to the same backend.
+    SrcIp = 0,
+    /// nginx `ip_hash`: the first three octets of an IPv4 client (the whole IPv6 address).
+    SrcIp24 = 1,
+    /// Client address and port: spreads one client's connections.
+    SrcIpPort = 2,
+    /// Source, destination, ports and protocol.
+    FiveTuple = 3,
+}
+
+impl KeyMode {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::SrcIp),
+            1 => Some(Self::SrcIp24),
+            2 => Some(Self::SrcIpPort),
+            3 => Some(Self::FiveTuple),
+            _ => None,
+        }
+    }
+}
+
+/// `SERVICES` key: where a service listens, as the packet carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// IPv4 in `addr[0]` (rest zero) or IPv6; wire words.
+    pub addr: [u32; 4],
+    /// Wire port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into `SERVICE_STATS`, and the owner of rings `2 * id` and `2 * id + 1`.
+    pub id: u32,
+    /// The live ring: `2 * id` or `2 * id + 1`.
+    pub ring: u32,
+    /// Per-service xxh32 seed, so services sharing clients do not share their skew.
+    pub seed: u32,
+    /// A [`KeyMode`] as `u32`.
+    pub key_mode: u32,
+    /// `SERVICE_*` flags.
+    pub flags: u32,
+}
+
+/// `BACKENDS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Wire words, like [`ServiceKey::addr`].
+    pub addr: [u32; 4],
+    /// Wire port.
+    pub port: u16,
+    pub family: u8,
+    /// 1 when this slot holds a backend.
+    pub valid: u8,
+}
+
+/// `FLOWS` key: a packet's 5-tuple as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// `FLOWS` value: how to rewrite packets of a tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// New destination ([`FLOW_FORWARD`]) or new source ([`FLOW_REVERSE`]); wire words.
+    pub nat_addr: [u32; 4],
+    /// New destination or source port; wire port.
+    pub nat_port: u16,
+    pub _pad: u16,
+    /// [`FLOW_FORWARD`] or [`FLOW_REVERSE`].
+    pub direction: u32,
+    /// Backend id, for its counters.
+    pub backend: u32,
+    /// Service id, for its counters.
+    pub service: u32,
+}
+
+/// Per-service and per-backend counters (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Indexes of `GLOBAL_STATS`: why packets left the program the way they did.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Parsed, but not for a service or a tracked flow.
+    PassNotOurs = 0,
+    /// Could not be parsed (truncated, unknown ethertype, bad IHL, unhandled IPv6 extension).
+    PassUnparsed = 1,
+    /// IP fragment: passed to the stack, which reassembles.
+    PassFragment = 2,
+    /// Service handled by userspace (`SERVICE_PASS_TO_STACK`).
+    PassToStack = 3,
+    /// Rewritten, then handed to the stack to route (no neighbour entry yet, VLAN, TTL expiring).
+    NatThenStack = 4,
+    /// Rewritten and sent with `XDP_REDIRECT` / `XDP_TX`.
+    Forwarded = 5,
+    /// A new flow was created.
+    NewFlow = 6,
+    /// A reply was rewritten back to the service address.
+    ReverseNat = 7,
+    /// An ICMP error about a tracked flow was translated.
+    IcmpTranslated = 8,
+    /// A service with no backend: passed to the stack, which answers (RST / port unreachable).
+    NoBackend = 9,
+    /// The flow table refused an insert (the flow is still forwarded, by hash).
+    FlowInsertFailed = 10,
+}
+
+pub const STAT_COUNT: u32 = 11;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, has no padding (checked by the size asserts below)
+    // and every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+// No implicit padding: each size equals the sum of its fields.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Service>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<Flow>() == 32);
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+/// Wire words of an IPv4 address given as octets.
+#[inline(always)]
+pub const fn addr4(octets: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Wire words of an IPv6 address given as octets.
+#[inline(always)]
+pub const fn addr6(o: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Wire form of a host-order port.
+#[inline(always)]
+pub const fn wire_port(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The 40 bytes a flow's backend choice is hashed over: `src[4] dst[4] ports proto`, with the
+/// fields the [`KeyMode`] ignores zeroed.
+#[inline(always)]
+pub fn hash_input(
+    mode: u32,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    family: u8,
+) -> [u32; 10] {
+    let mut w = [0u32; 10];
+    w[0] = src[0];
+    w[1] = src[1];
+    w[2] = src[2];
+    w[3] = src[3];
+    w[9] = family as u32;
+    if mode == KeyMode::SrcIp24 as u32 && family == FAMILY_V4 {
+        // nginx ip_hash: the first three octets, which are the first three bytes in memory.
+        w[0] = u32::from_ne_bytes([0xff, 0xff, 0xff, 0]) & src[0];
+    } else if mode == KeyMode::SrcIpPort as u32 {
+        w[8] = sport as u32;
+    } else if mode == KeyMode::FiveTuple as u32 {
+        w[4] = dst[0];
+        w[5] = dst[1];
+        w[6] = dst[2];
+        w[7] = dst[3];
+        w[8] = (sport as u32) | ((dport as u32) << 16);
+        w[9] |= (proto as u32) << 8;
+    }
+    w
+}
+
+const P1: u32 = 2_654_435_761;
+const P2: u32 = 2_246_822_519;
+const P3: u32 = 3_266_489_917;
+const P4: u32 = 668_265_263;
+
+#[inline(always)]
+fn round(acc: u32, input: u32) -> u32 {
+    acc.wrapping_add(input.wrapping_mul(P2))
+        .rotate_left(13)
+        .wrapping_mul(P1)
+}
+
+/// XXH32 of the 40 bytes of `w` (read little-endian, as XXH32 specifies). Straight-line code
+/// with a fixed length, so the verifier sees no loop; equal to `xxhash_rust::xxh32` over the
+/// same bytes on little-endian machines (tested in `ambassador::select`).
+#[inline(always)]
+pub fn xxh32_40(w: &[u32; 10], seed: u32) -> u32 {
+    let mut v1 = seed.wrapping_add(P1).wrapping_add(P2);
+    let mut v2 = seed.wrapping_add(P2);
+    let mut v3 = seed;
+    let mut v4 = seed.wrapping_sub(P1);
+    v1 = round(v1, u32::from_le(w[0]));
+    v2 = round(v2, u32::from_le(w[1]));
+    v3 = round(v3, u32::from_le(w[2]));
+    v4 = round(v4, u32::from_le(w[3]));
+    v1 = round(v1, u32::from_le(w[4]));
+    v2 = round(v2, u32::from_le(w[5]));
+    v3 = round(v3, u32::from_le(w[6]));
+    v4 = round(v4, u32::from_le(w[7]));
+    let mut h = v1
+        .rotate_left(1)
+        .wrapping_add(v2.rotate_left(7))
+        .wrapping_add(v3.rotate_left(12))
+        .wrapping_add(v4.rotate_left(18));
+    h = h.wrapping_add(40);
+    h = h
+        .wrapping_add(u32::from_le(w[8]).wrapping_mul(P3))
+        .rotate_left(17)
+        .wrapping_mul(P4);
+    h = h
+        .wrapping_add(u32::from_le(w[9]).wrapping_mul(P3))
+        .rotate_left(17)
+        .wrapping_mul(P4);
+    h ^= h >> 15;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 13;
+    h = h.wrapping_mul(P3);
+    h ^= h >> 16;
+    h
+}
+
+/// The lookup-table slot a flow lands in.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn flow_slot(
+    mode: u32,
+    seed: u32,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    family: u8,
+) -> u32 {
+    xxh32_40(
+        &hash_input(mode, src, dst, sport, dport, proto, family),
+        seed,
+    ) % TABLE_SIZE
+}
+
+/// `ADDR_FILTER` index of an address: a cheap fold, good enough to keep non-service traffic
+/// to one array read.
+#[inline(always)]
+pub fn filter_index(addr: &[u32; 4]) -> u32 {
+    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let x = x ^ (x >> 16);
+    (x ^ (x >> 8)) & (FILTER_SIZE - 1)
+}
+
+/// One's-complement checksum arithmetic on wire words (RFC 1071/1624): byte-order independent,
+/// so it works on values as loaded from the packet.
+pub mod csum {
+    /// Start an incremental update of checksum field `check` (wire value).
+    #[inline(always)]
+    pub fn start(check: u16) -> u64 {
+        (!check) as u64
+    }
+
+    /// Account for a 32-bit word changing from `old` to `new`.
+    #[inline(always)]
+    pub fn replace32(sum: u64, old: u32, new: u32) -> u64 {
+        sum + (!old) as u64 + new as u64
+    }
+
+    /// Account for a 16-bit word changing from `old` to `new`.
+    #[inline(always)]
+    pub fn replace16(sum: u64, old: u16, new: u16) -> u64 {
+        sum + (!old) as u64 + new as u64
+    }
+
+    /// Fold a running sum back into a checksum field value.
+    #[inline(always)]
+    pub fn finish(sum: u64) -> u16 {
+        let mut s = (sum & 0xffff_ffff) + (sum >> 32);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csum_incremental_matches_recompute() {
+        // IPv4 header with checksum zeroed; compute full checksum, change a word, compare.
+        let mut hdr: [u16; 10] = [
+            0x4500u16.to_be(),
+            0x0073u16.to_be(),
+            0,
+            0x4000u16.to_be(),
+            0x4011u16.to_be(),
+            0,
+            0xc0a8u16.to_be(),
+            0x0001u16.to_be(),
+            0xc0a8u16.to_be(),
+            0x00c7u16.to_be(),
+        ];
+        let full = |h: &[u16; 10]| {
+            let mut s: u32 = h.iter().map(|&w| w as u32).sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            !(s as u16)
+        };
+        hdr[5] = full(&hdr);
+        let old = (hdr[8] as u32) | ((hdr[9] as u32) << 16);
+        let new = u32::from_ne_bytes([10, 200, 2, 2]);
+        let sum = csum::replace32(csum::start(hdr[5]), old, new);
+        hdr[8] = new as u16;
+        hdr[9] = (new >> 16) as u16;
+        let inc = csum::finish(sum);
+        hdr[5] = 0;
+        assert_eq!(inc, full(&hdr));
+    }
+}

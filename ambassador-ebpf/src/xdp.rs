@@ -1,0 +1,634 @@
+//! XDP fast path: parse → classify → look up flow → pick backend → rewrite → forward.
+//!
+//! The map layout is documented in `lib.rs`. Every exit for traffic that is not ours, or that
+//! this program does not fully understand, is `XDP_PASS` with the packet untouched.
+
+use ambassador_ebpf::{
+    csum, filter_index, flow_slot, Backend, Counters, Flow, FlowKey, Service, ServiceKey, Stat,
+    FAMILY_V4, FAMILY_V6, FILTER_BACKEND, FILTER_SERVICE, FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
+};
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use core::mem::size_of;
+
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+#[map]
+static ADDR_FILTER: Array<u32> = Array::with_max_entries(FILTER_SIZE, 0);
+#[map]
+static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// IPv4 `frag_off` bits that mark a fragment: MF or a non-zero offset (wire order).
+const IP_FRAG_MASK: u16 = 0x3FFFu16.to_be();
+
+#[xdp]
+pub fn ambassador_xdp(ctx: XdpContext) -> u32 {
+    let forward_it = match parse(&ctx) {
+        Ok(Some(pkt)) => match classify(&ctx, &pkt) {
+            Ok(true) => forward(&ctx, &pkt),
+            Ok(false) => Ok(xdp_action::XDP_PASS),
+            Err(()) => Err(()),
+        },
+        Ok(None) => Ok(xdp_action::XDP_PASS),
+        Err(()) => Err(()),
+    };
+    match forward_it {
+        Ok(action) => action,
+        Err(()) => {
+            count(Stat::PassUnparsed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// A bounds-checked pointer `off` bytes into the packet; the one place packet memory is reached.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, ()> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return Err(());
+    }
+    Ok((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Result<T, ()> {
+    // SAFETY: ptr_at checked the bounds; packet data has no alignment guarantee.
+    Ok(unsafe { ptr_at::<T>(ctx, off)?.read_unaligned() })
+}
+
+#[inline(always)]
+fn store<T: Copy>(ctx: &XdpContext, off: usize, v: T) -> Result<(), ()> {
+    // SAFETY: ptr_at checked the bounds; packet data has no alignment guarantee.
+    unsafe { ptr_at::<T>(ctx, off)?.write_unaligned(v) };
+    Ok(())
+}
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_flow(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    let n = new_flow as u64;
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += n;
+        }
+    }
+}
+
+/// Where the parsed headers are, and the 5-tuple.
+struct Packet {
+    vlan: bool,
+    l3: usize,
+    l4: usize,
+    family: u8,
+    proto: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    /// IP datagram length (what byte counters count).
+    len: usize,
+}
+
+/// Decide what to do with a parsed packet; `Ok(true)` means it was rewritten and must be
+/// forwarded, `Ok(false)` that it passes untouched.
+#[inline(always)]
+fn classify(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+    match pkt.proto {
+        PROTO_TCP | PROTO_UDP => l4_packet(ctx, pkt),
+        IPPROTO_ICMP if pkt.family == FAMILY_V4 => icmp_error(ctx, pkt),
+        IPPROTO_ICMPV6 if pkt.family == FAMILY_V6 => icmp_error(ctx, pkt),
+        _ => {
+            count(Stat::PassNotOurs);
+            Ok(false)
+        }
+    }
+}
+
+/// Ethernet, one optional 802.1Q tag, IPv4 (any IHL) or IPv6 without extension headers.
+/// `Ok(None)` is a packet to pass (fragment, other ethertype); `Err` one that is malformed.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype: u16 = load(ctx, 12)?;
+    let mut vlan = false;
+    if ethertype == ETH_P_8021Q {
+        ethertype = load(ctx, 16)?;
+        l3 += 4;
+        vlan = true;
+    }
+    if ethertype == ETH_P_IP {
+        // One checked read of the fixed header; the length check comes last so the compiler
+        // cannot use it to drop bounds checks the verifier needs.
+        let h: [u8; 20] = load(ctx, l3)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if h[0] >> 4 != 4 || ihl < 20 {
+            return Err(());
+        }
+        let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if u16::from_ne_bytes([h[6], h[7]]) & IP_FRAG_MASK != 0 {
+            count(Stat::PassFragment);
+            return Ok(None);
+        }
+        if tot_len < ihl || ctx.data() + l3 + tot_len > ctx.data_end() {
+            return Err(());
+        }
+        Ok(Some(Packet {
+            vlan,
+            l3,
+            l4: l3 + ihl,
+            family: FAMILY_V4,
+            proto: h[9],
+            src: [u32::from_ne_bytes([h[12], h[13], h[14], h[15]]), 0, 0, 0],
+            dst: [u32::from_ne_bytes([h[16], h[17], h[18], h[19]]), 0, 0, 0],
+            len: tot_len,
+        }))
+    } else if ethertype == ETH_P_IPV6 {
+        let h: [u32; 10] = load(ctx, l3)?;
+        let b0 = h[0].to_ne_bytes();
+        if b0[0] >> 4 != 6 {
+            return Err(());
+        }
+        let b1 = h[1].to_ne_bytes();
+        let plen = u16::from_be_bytes([b1[0], b1[1]]) as usize;
+        // Extension headers are not walked: they fall through to "not ours" and pass.
+        let next = b1[2];
+        if next == 44 {
+            count(Stat::PassFragment);
+            return Ok(None);
+        }
+        if ctx.data() + l3 + 40 + plen > ctx.data_end() {
+            return Err(());
+        }
+        Ok(Some(Packet {
+            vlan,
+            l3,
+            l4: l3 + 40,
+            family: FAMILY_V6,
+            proto: next,
+            src: [h[2], h[3], h[4], h[5]],
+            dst: [h[6], h[7], h[8], h[9]],
+            len: plen + 40,
+        }))
+    } else {
+        count(Stat::PassNotOurs);
+        Ok(None)
+    }
+}
+
+#[inline(always)]
+fn l4_check_off(proto: u8) -> usize {
+    if proto == PROTO_TCP {
+        16
+    } else {
+        6
+    }
+}
+
+#[inline(always)]
+fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+    // Ports, and the checksum field we may rewrite, must be inside the packet.
+    let min = if pkt.proto == PROTO_TCP { 20 } else { 8 };
+    if ctx.data() + pkt.l4 + min > ctx.data_end() {
+        return Err(());
+    }
+    let sport: u16 = load(ctx, pkt.l4)?;
+    let dport: u16 = load(ctx, pkt.l4 + 2)?;
+    let bytes = pkt.len as u64;
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: 0,
+    };
+
+    if filter_has(&pkt.dst, FILTER_SERVICE) {
+        let skey = ServiceKey {
+            addr: pkt.dst,
+            port: dport,
+            proto: pkt.proto,
+            family: pkt.family,
+        };
+        // SAFETY: values are plain data; a concurrent update replaces the element (RCU).
+        if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+            return to_service(ctx, pkt, &key, svc, bytes);
+        }
+    }
+    if filter_has(&pkt.src, FILTER_BACKEND) {
+        // SAFETY: values are plain data read once.
+        if let Some(flow) = unsafe { FLOWS.get(&key) } {
+            let flow = *flow;
+            if flow.direction == FLOW_REVERSE {
+                rewrite_src(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
+                count_flow(flow.service, flow.backend, bytes, false);
+                count(Stat::ReverseNat);
+                return Ok(true);
+            }
+        }
+    }
+    count(Stat::PassNotOurs);
+    Ok(false)
+}
+
+#[inline(always)]
+fn filter_has(addr: &[u32; 4], bit: u32) -> bool {
+    match ADDR_FILTER.get(filter_index(addr)) {
+        Some(v) => *v & bit != 0,
+        None => false,
+    }
+}
+
+// A real subprogram (not inlined) to keep each frame within the 512-byte BPF stack.
+#[inline(never)]
+fn to_service(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    svc: &Service,
+    bytes: u64,
+) -> Result<bool, ()> {
+    if svc.flags & SERVICE_PASS_TO_STACK != 0 {
+        count(Stat::PassToStack);
+        return Ok(false);
+    }
+    // SAFETY: values are plain data read once.
+    let (nat_addr, nat_port, backend, new_flow) = match unsafe { FLOWS.get(key) } {
+        Some(f) if f.direction == FLOW_FORWARD => (f.nat_addr, f.nat_port, f.backend, false),
+        _ => {
+            let slot = flow_slot(
+                svc.key_mode,
+                svc.seed,
+                &key.src,
+                &key.dst,
+                key.sport,
+                key.dport,
+                key.proto,
+                key.family,
+            );
+            let id = match RINGS.get(svc.ring * TABLE_SIZE + slot) {
+                Some(id) if *id != NO_BACKEND => *id,
+                _ => {
+                    count(Stat::NoBackend);
+                    return Ok(false);
+                }
+            };
+            let b = match BACKENDS.get(id) {
+                Some(b) if b.valid != 0 && b.family == key.family => *b,
+                _ => {
+                    count(Stat::NoBackend);
+                    return Ok(false);
+                }
+            };
+            track(key, svc, id, &b);
+            (b.addr, b.port, id, true)
+        }
+    };
+    rewrite_dst(ctx, pkt, &nat_addr, nat_port)?;
+    count_flow(svc.id, backend, bytes, new_flow);
+    Ok(true)
+}
+
+/// Record both directions of a new flow: the forward entry keeps the client on its backend, the
+/// reverse entry lets replies be rewritten back to the service address.
+#[inline(never)]
+fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend) {
+    let rkey = FlowKey {
+        src: b.addr,
+        dst: key.src,
+        sport: b.port,
+        dport: key.sport,
+        proto: key.proto,
+        family: key.family,
+        _pad: 0,
+    };
+    let mut flow = Flow {
+        nat_addr: key.dst,
+        nat_port: key.dport,
+        _pad: 0,
+        direction: FLOW_REVERSE,
+        backend: id,
+        service: svc.id,
+    };
+    let mut failed = FLOWS.insert(&rkey, &flow, 0).is_err();
+    flow.nat_addr = b.addr;
+    flow.nat_port = b.port;
+    flow.direction = FLOW_FORWARD;
+    failed |= FLOWS.insert(key, &flow, 0).is_err();
+    if failed {
+        count(Stat::FlowInsertFailed);
+    }
+    count(Stat::NewFlow);
+}
+
+/// Rewrite the destination address and port, updating IPv4 and L4 checksums incrementally.
+#[inline(always)]
+fn rewrite_dst(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16) -> Result<(), ()> {
+    let (addr_off, port_off) = if pkt.family == FAMILY_V4 {
+        (pkt.l3 + 16, pkt.l4 + 2)
+    } else {
+        (pkt.l3 + 24, pkt.l4 + 2)
+    };
+    rewrite(ctx, pkt, addr_off, &pkt.dst, addr, port_off, port)
+}
+
+/// Rewrite the source address and port, updating IPv4 and L4 checksums incrementally.
+#[inline(always)]
+fn rewrite_src(ctx: &XdpContext, pkt: &Packet, addr: &[u32; 4], port: u16) -> Result<(), ()> {
+    let addr_off = if pkt.family == FAMILY_V4 {
+        pkt.l3 + 12
+    } else {
+        pkt.l3 + 8
+    };
+    rewrite(ctx, pkt, addr_off, &pkt.src, addr, pkt.l4, port)
+}
+
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    addr_off: usize,
+    old_addr: &[u32; 4],
+    addr: &[u32; 4],
+    port_off: usize,
+    port: u16,
+) -> Result<(), ()> {
+    let check_off = pkt.l4 + l4_check_off(pkt.proto);
+    let old_port: u16 = load(ctx, port_off)?;
+    let old_check: u16 = load(ctx, check_off)?;
+    // The L4 checksum covers the pseudo-header addresses and the port.
+    let mut l4 = csum::replace16(csum::start(old_check), old_port, port);
+    if pkt.family == FAMILY_V4 {
+        l4 = csum::replace32(l4, old_addr[0], addr[0]);
+        let ip_check: u16 = load(ctx, pkt.l3 + 10)?;
+        let ip = csum::replace32(csum::start(ip_check), old_addr[0], addr[0]);
+        store(ctx, pkt.l3 + 10, csum::finish(ip))?;
+        store(ctx, addr_off, addr[0])?;
+    } else {
+        l4 = csum::replace32(l4, old_addr[0], addr[0]);
+        l4 = csum::replace32(l4, old_addr[1], addr[1]);
+        l4 = csum::replace32(l4, old_addr[2], addr[2]);
+        l4 = csum::replace32(l4, old_addr[3], addr[3]);
+        store(ctx, addr_off, *addr)?;
+    }
+    store(ctx, port_off, port)?;
+    // A zero UDP checksum over IPv4 means "none": leave it so.
+    if !(pkt.proto == PROTO_UDP && old_check == 0 && pkt.family == FAMILY_V4) {
+        let mut c = csum::finish(l4);
+        if pkt.proto == PROTO_UDP && c == 0 {
+            c = 0xffff;
+        }
+        store(ctx, check_off, c)?;
+    }
+    Ok(())
+}
+
+/// Send a rewritten packet on its way: the FIB picks the egress and next hop; whatever the FIB
+/// cannot resolve here (no neighbour entry yet, MTU exceeded, TTL expiring, VLAN) goes to the
+/// stack, which routes it and answers with the proper ICMP.
+#[inline(never)]
+fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
+    if pkt.vlan {
+        count(Stat::NatThenStack);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // SAFETY: FibParams is plain data; all-zero is a valid initial value.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = pkt.proto;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    let ttl_off;
+    if pkt.family == FAMILY_V4 {
+        ttl_off = pkt.l3 + 8;
+        fib.family = AF_INET;
+        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, pkt.l3 + 2)?);
+        fib.__bindgen_anon_2.tos = load::<u8>(ctx, pkt.l3 + 1)?;
+        fib.__bindgen_anon_3.ipv4_src = load::<u32>(ctx, pkt.l3 + 12)?;
+        fib.__bindgen_anon_4.ipv4_dst = load::<u32>(ctx, pkt.l3 + 16)?;
+    } else {
+        ttl_off = pkt.l3 + 7;
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, pkt.l3 + 4)?).wrapping_add(40);
+        fib.__bindgen_anon_3.ipv6_src = load::<[u32; 4]>(ctx, pkt.l3 + 8)?;
+        fib.__bindgen_anon_4.ipv6_dst = load::<[u32; 4]>(ctx, pkt.l3 + 24)?;
+    }
+    let ttl: u8 = load(ctx, ttl_off)?;
+    if ttl <= 1 {
+        count(Stat::NatThenStack);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // SAFETY: fib points to a live, correctly sized bpf_fib_lookup struct on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        count(Stat::NatThenStack);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // We are routing: one hop less.
+    store(ctx, ttl_off, ttl - 1)?;
+    if pkt.family == FAMILY_V4 {
+        // TTL is the high byte of the 16-bit word at offset 8 (TTL, protocol).
+        let check: u16 = load(ctx, pkt.l3 + 10)?;
+        let old = u16::from_ne_bytes([ttl, pkt.proto]);
+        let new = u16::from_ne_bytes([ttl - 1, pkt.proto]);
+        store(
+            ctx,
+            pkt.l3 + 10,
+            csum::finish(csum::replace16(csum::start(check), old, new)),
+        )?;
+    }
+    store(ctx, 0, fib.dmac)?;
+    store(ctx, 6, fib.smac)?;
+    count(Stat::Forwarded);
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        Ok(xdp_action::XDP_TX)
+    } else {
+        // SAFETY: plain helper call; the FIB returned a valid ifindex.
+        Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+    }
+}
+
+/// An ICMP/ICMPv6 error quoting a packet of a tracked flow is translated like the flow, so
+/// path-MTU discovery and unreachables work through the ambassador. The quoted packet went out
+/// *from* us, so its reversed tuple is the key of the entry that produced it:
+/// - a forward entry (we sent service → client on behalf of the backend): the quote's source
+///   becomes the backend again, and an error addressed to the service address goes to the backend;
+/// - a reverse entry (we sent client → backend): the quote's destination becomes the service
+///   address again, and the error continues to the client.
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+    let icmp_type: u8 = load(ctx, pkt.l4)?;
+    let is_error = if pkt.family == FAMILY_V4 {
+        icmp_type == 3 || icmp_type == 11 || icmp_type == 12
+    } else {
+        (1..=4).contains(&icmp_type)
+    };
+    if !is_error {
+        count(Stat::PassNotOurs);
+        return Ok(false);
+    }
+    let il3 = pkt.l4 + 8;
+    let (il4, iproto, isrc, idst, isrc_off, idst_off) = if pkt.family == FAMILY_V4 {
+        let vihl: u8 = load(ctx, il3)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return Err(());
+        }
+        let s: u32 = load(ctx, il3 + 12)?;
+        let d: u32 = load(ctx, il3 + 16)?;
+        (
+            il3 + ihl,
+            load::<u8>(ctx, il3 + 9)?,
+            [s, 0, 0, 0],
+            [d, 0, 0, 0],
+            il3 + 12,
+            il3 + 16,
+        )
+    } else {
+        (
+            il3 + 40,
+            load::<u8>(ctx, il3 + 6)?,
+            load::<[u32; 4]>(ctx, il3 + 8)?,
+            load::<[u32; 4]>(ctx, il3 + 24)?,
+            il3 + 8,
+            il3 + 24,
+        )
+    };
+    if iproto != PROTO_TCP && iproto != PROTO_UDP {
+        count(Stat::PassNotOurs);
+        return Ok(false);
+    }
+    let isport: u16 = load(ctx, il4)?;
+    let idport: u16 = load(ctx, il4 + 2)?;
+    let key = FlowKey {
+        src: idst,
+        dst: isrc,
+        sport: idport,
+        dport: isport,
+        proto: iproto,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // SAFETY: values are plain data read once.
+    let flow = match unsafe { FLOWS.get(&key) } {
+        Some(f) => *f,
+        None => {
+            count(Stat::PassNotOurs);
+            return Ok(false);
+        }
+    };
+    let (addr_off, old_addr, port_off) = if flow.direction == FLOW_FORWARD {
+        (isrc_off, isrc, il4)
+    } else {
+        (idst_off, idst, il4 + 2)
+    };
+    let old_port: u16 = load(ctx, port_off)?;
+    let icmp_check: u16 = load(ctx, pkt.l4 + 2)?;
+    let mut ic = csum::replace16(csum::start(icmp_check), old_port, flow.nat_port);
+    store(ctx, port_off, flow.nat_port)?;
+    ic = replace_addr(ctx, pkt.family, ic, addr_off, &old_addr, &flow.nat_addr)?;
+    if pkt.family == FAMILY_V4 {
+        // The quoted IPv4 header's own checksum changes too, and the ICMP checksum covers it.
+        let iold: u16 = load(ctx, il3 + 10)?;
+        let inew = csum::finish(csum::replace32(
+            csum::start(iold),
+            old_addr[0],
+            flow.nat_addr[0],
+        ));
+        store(ctx, il3 + 10, inew)?;
+        ic = csum::replace16(ic, iold, inew);
+    }
+    // An error addressed to the service address is for the backend.
+    if flow.direction == FLOW_FORWARD && pkt.dst == isrc {
+        let dst_off = if pkt.family == FAMILY_V4 {
+            pkt.l3 + 16
+        } else {
+            pkt.l3 + 24
+        };
+        if pkt.family == FAMILY_V4 {
+            let c: u16 = load(ctx, pkt.l3 + 10)?;
+            let c = csum::finish(csum::replace32(
+                csum::start(c),
+                pkt.dst[0],
+                flow.nat_addr[0],
+            ));
+            store(ctx, pkt.l3 + 10, c)?;
+            store(ctx, dst_off, flow.nat_addr[0])?;
+        } else {
+            // ICMPv6's checksum covers the pseudo-header, so the outer destination counts too.
+            ic = replace_addr(ctx, pkt.family, ic, dst_off, &pkt.dst, &flow.nat_addr)?;
+        }
+    }
+    store(ctx, pkt.l4 + 2, csum::finish(ic))?;
+    count(Stat::IcmpTranslated);
+    Ok(true)
+}
+
+#[inline(always)]
+fn replace_addr(
+    ctx: &XdpContext,
+    family: u8,
+    sum: u64,
+    off: usize,
+    old: &[u32; 4],
+    new: &[u32; 4],
+) -> Result<u64, ()> {
+    let mut s = csum::replace32(sum, old[0], new[0]);
+    if family == FAMILY_V4 {
+        store(ctx, off, new[0])?;
+    } else {
+        s = csum::replace32(s, old[1], new[1]);
+        s = csum::replace32(s, old[2], new[2]);
+        s = csum::replace32(s, old[3], new[3]);
+        store(ctx, off, *new)?;
+    }
+    Ok(s)
+}

@@ -1,0 +1,487 @@
+//! The declarative config: strict (`deny_unknown_fields`), and every error names the file, the
+//! line, the key and the fix.
+//!
+//! ```yaml
+//! interfaces: [eth0]
+//! services:
+//!   - name: frontend
+//!     listen: 10.200.0.100:80/tcp
+//!     split:
+//!       key: src-ip
+//!       backends:
+//!         - { name: web,        address: 10.200.2.2:80, weight: 9 }
+//!         - { name: experiment, address: 10.200.3.2:80, weight: 1 }
+//! ```
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ambassador_ebpf::{KeyMode, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+/// Largest weight a backend may have; keeps weight maths exact and tables meaningful.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces the XDP program attaches to (`--interface` overrides).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// `ADDRESS:PORT/PROTO`, e.g. `10.200.0.100:80/tcp` or `[fd00::100]:80/udp`.
+    pub listen: Listen,
+    pub split: Split,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    #[serde(default)]
+    pub key: SplitKey,
+    /// Hash seed; by default derived from the service name, so each service splits
+    /// independently and the same config always splits the same way.
+    #[serde(default)]
+    pub seed: Option<u32>,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Identity of the backend in the consistent-hash table (defaults to the address): keep it
+    /// when an address changes and its clients stay put.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub address: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl BackendConfig {
+    pub fn id(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitKey {
+    #[default]
+    SrcIp,
+    SrcIp24,
+    SrcIpPort,
+    FiveTuple,
+}
+
+impl SplitKey {
+    pub fn mode(self) -> KeyMode {
+        match self {
+            SplitKey::SrcIp => KeyMode::SrcIp,
+            SplitKey::SrcIp24 => KeyMode::SrcIp24,
+            SplitKey::SrcIpPort => KeyMode::SrcIpPort,
+            SplitKey::FiveTuple => KeyMode::FiveTuple,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+/// Where a service listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        write!(f, "{}/{}", self.addr, p)
+    }
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((a, "tcp")) => (a, Proto::Tcp),
+            Some((a, "udp")) => (a, Proto::Udp),
+            Some((_, p)) => {
+                return Err(format!(
+                    "unknown protocol `{p}` in `{s}`: write `/tcp` or `/udp`"
+                ))
+            }
+            None => (s, Proto::Tcp),
+        };
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            format!("`{s}` is not ADDRESS:PORT/PROTO: write e.g. `10.0.0.1:80/tcp` or `[fd00::1]:80/udp`")
+        })?;
+        Ok(Listen { addr, proto })
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A config problem, located and with the fix spelled out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted path of the offending key, e.g. `services[0].split.backends[1].weight`.
+    pub key: String,
+    pub message: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)?;
+        if !self.fix.is_empty() {
+            write!(f, " (fix: {})", self.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            key: String::new(),
+            message: format!("cannot read the config: {e}"),
+            fix: "check the path and that the file is readable".into(),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `path` only labels errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        cfg.validate().map_err(|(key, needle, message, fix)| {
+            let line = needle.and_then(|n| locate(text, &n));
+            ConfigError {
+                file: path.to_owned(),
+                line,
+                column: None,
+                key,
+                message,
+                fix,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules serde cannot express. Errors carry (key, text to locate, message, fix).
+    fn validate(&self) -> Result<(), (String, Option<String>, String, String)> {
+        if self.services.is_empty() {
+            return Err((
+                "services".into(),
+                Some("services".into()),
+                "no services are configured".into(),
+                "add at least one entry under `services:`".into(),
+            ));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err((
+                "services".into(),
+                Some("services".into()),
+                format!(
+                    "{} services configured, the kernel tables hold {MAX_SERVICES}",
+                    self.services.len()
+                ),
+                "split the services across fewer listen addresses or nodes".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut total_backends = 0usize;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err((
+                    format!("{at}.name"),
+                    Some(format!("name: {}", s.name)),
+                    format!(
+                        "service name `{}` is empty or has unusual characters",
+                        s.name
+                    ),
+                    "use letters, digits, `-`, `_` or `.`".into(),
+                ));
+            }
+            if !names.insert(&s.name) {
+                return Err((
+                    format!("{at}.name"),
+                    Some(format!("name: {}", s.name)),
+                    format!("service name `{}` is used twice", s.name),
+                    "give every service a distinct name".into(),
+                ));
+            }
+            if !listens.insert(s.listen) {
+                return Err((
+                    format!("{at}.listen"),
+                    Some(s.listen.to_string()),
+                    format!("`{}` is the listen address of two services", s.listen),
+                    "each address:port/proto belongs to one service".into(),
+                ));
+            }
+            if s.listen.addr.port() == 0 {
+                return Err((
+                    format!("{at}.listen"),
+                    Some(s.listen.to_string()),
+                    "port 0 cannot be a service port".into(),
+                    "write the port clients connect to".into(),
+                ));
+            }
+            let mut bnames = HashSet::new();
+            for (j, b) in s.split.backends.iter().enumerate() {
+                let bat = format!("{at}.split.backends[{j}]");
+                let needle = Some(b.address.to_string());
+                if b.address.is_ipv4() != s.listen.addr.is_ipv4() {
+                    return Err((
+                        format!("{bat}.address"),
+                        needle,
+                        format!(
+                            "backend {} and service {} are of different IP families",
+                            b.address, s.listen
+                        ),
+                        "use backends of the service's family (IPv4 with IPv4, IPv6 with IPv6)"
+                            .into(),
+                    ));
+                }
+                if b.address.port() == 0 || is_unusable(b.address.ip()) {
+                    return Err((
+                        format!("{bat}.address"),
+                        needle,
+                        format!("`{}` cannot be a backend address", b.address),
+                        "write the unicast ADDRESS:PORT the backend listens on".into(),
+                    ));
+                }
+                if b.weight == 0 || b.weight > MAX_WEIGHT {
+                    return Err((
+                        format!("{bat}.weight"),
+                        needle,
+                        format!("weight {} is out of range", b.weight),
+                        format!("use a weight from 1 to {MAX_WEIGHT}; remove the backend (or drain it) to send it nothing"),
+                    ));
+                }
+                if !bnames.insert(b.id()) {
+                    return Err((
+                        format!("{bat}.name"),
+                        needle,
+                        format!("backend `{}` appears twice in service `{}`", b.id(), s.name),
+                        "give every backend of a service a distinct name and address".into(),
+                    ));
+                }
+            }
+            total_backends += s.split.backends.len();
+        }
+        if total_backends > MAX_BACKENDS as usize / 2 {
+            return Err((
+                "services".into(),
+                Some("services".into()),
+                format!(
+                    "{total_backends} backends configured; the kernel holds {} (half kept free so a reload can replace every backend)",
+                    MAX_BACKENDS / 2
+                ),
+                "reduce the number of backends".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_unusable(ip: IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255])
+}
+
+/// The 1-based line of the first occurrence of `needle`.
+fn locate(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
+    let (line, column) = match e.location() {
+        Some(l) => (Some(l.line()), Some(l.column())),
+        None => (None, None),
+    };
+    let full = e.to_string();
+    // serde_yaml says "path.to.key: message at line L column C"; split that apart.
+    let body = full.split(" at line ").next().unwrap_or(&full).to_string();
+    let (key, message) = match body.split_once(": ") {
+        Some((k, m)) if !k.contains(' ') => (k.to_string(), m.to_string()),
+        _ => (String::new(), body.clone()),
+    };
+    let fix = if message.starts_with("unknown field") {
+        "remove or rename the key: only the keys listed are valid here".to_string()
+    } else if message.starts_with("missing field") {
+        "add the missing key".to_string()
+    } else if message.starts_with("unknown variant") {
+        "use one of the values listed".to_string()
+    } else if message.contains("invalid socket address") {
+        "write ADDRESS:PORT, with IPv6 in brackets: `[fd00::2]:80`".to_string()
+    } else {
+        String::new()
+    };
+    ConfigError {
+        file: path.to_owned(),
+        line,
+        column,
+        key,
+        message,
+        fix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "interfaces: [eth0]
+services:
+  - name: frontend
+    listen: 10.200.0.100:80/tcp
+    split:
+      key: src-ip
+      backends:
+        - { name: web,        address: 10.200.2.2:80, weight: 9 }
+        - { name: experiment, address: 10.200.3.2:80, weight: 1 }
+";
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("a.yaml"), t)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.interfaces, vec!["eth0"]);
+        let s = &c.services[0];
+        assert_eq!(s.listen.addr, "10.200.0.100:80".parse().unwrap());
+        assert_eq!(s.listen.proto, Proto::Tcp);
+        assert_eq!(s.split.key, SplitKey::SrcIp);
+        assert_eq!(s.split.backends[0].weight, 9);
+        assert_eq!(s.split.backends[1].id(), "experiment");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_key_and_fix() {
+        let bad = GOOD.replace("weight: 1 }", "wieght: 1 }");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.line, Some(9), "{e}");
+        assert!(e.message.contains("unknown field `wieght`"), "{e}");
+        assert!(e.key.contains("services[0].split.backends[1]"), "{e}");
+        let shown = e.to_string();
+        assert!(shown.starts_with("a.yaml:9:"), "{shown}");
+        assert!(shown.contains("fix:"), "{shown}");
+    }
+
+    #[test]
+    fn zero_weight_is_rejected_with_its_line() {
+        let e = parse(&GOOD.replace("weight: 9", "weight: 0")).unwrap_err();
+        assert_eq!(e.key, "services[0].split.backends[0].weight");
+        assert_eq!(e.line, Some(8));
+        assert!(e.fix.contains("1 to"));
+    }
+
+    #[test]
+    fn bad_listen_and_family_mismatch_are_explained() {
+        let e = parse(&GOOD.replace("80/tcp", "80/sctp")).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("sctp"), "{e}");
+        let e = parse(&GOOD.replace("10.200.3.2:80", "[fd00::3]:80")).unwrap_err();
+        assert!(e.message.contains("different IP families"), "{e}");
+        assert_eq!(e.line, Some(9));
+    }
+
+    #[test]
+    fn duplicate_names_and_listens_are_rejected() {
+        let two = format!(
+            "{GOOD}  - name: frontend\n    listen: 10.200.0.101:80/tcp\n    split: {{ backends: [] }}\n"
+        );
+        let e = parse(&two).unwrap_err();
+        assert!(e.message.contains("used twice"), "{e}");
+        let two = format!(
+            "{GOOD}  - name: other\n    listen: 10.200.0.100:80/tcp\n    split: {{ backends: [] }}\n"
+        );
+        let e = parse(&two).unwrap_err();
+        assert!(e.message.contains("two services"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_udp_listen_parses() {
+        let c = parse(
+            "services:\n  - name: dns\n    listen: '[fd00::100]:53/udp'\n    split:\n      key: five-tuple\n      backends: [ { address: '[fd00::2]:53' } ]\n",
+        )
+        .unwrap();
+        assert_eq!(c.services[0].listen.proto, Proto::Udp);
+        assert_eq!(c.services[0].split.backends[0].weight, 1);
+        assert_eq!(c.services[0].split.backends[0].id(), "[fd00::2]:53");
+    }
+}

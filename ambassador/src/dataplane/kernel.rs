@@ -1,0 +1,547 @@
+//! The kernel data plane: loads the XDP program, attaches it, and writes [`Plan`]s into its maps
+//! (layout documented in `ambassador_ebpf`). This module and the eBPF crate are the only places
+//! that touch the kernel boundary.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ambassador_ebpf::{
+    filter_index, Backend, Counters, Service, ServiceKey, Stat, FILTER_BACKEND, FILTER_SERVICE,
+    FILTER_SIZE, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, STAT_COUNT, TABLE_SIZE,
+};
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray},
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf,
+};
+
+use super::Plan;
+use crate::select::wire_addr;
+
+/// The compiled eBPF object, embedded at build time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambassador"));
+
+pub const PROGRAM: &str = "ambassador_xdp";
+
+/// Names of the maps, as pinned under the pin directory.
+pub const MAPS: [&str; 8] = [
+    "SERVICES",
+    "BACKENDS",
+    "RINGS",
+    "FLOWS",
+    "ADDR_FILTER",
+    "SERVICE_STATS",
+    "BACKEND_STATS",
+    "GLOBAL_STATS",
+];
+
+/// Identity of a backend in the kernel: a new address is a new backend id, so flows tracked to
+/// the old address keep their (stored) destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BackendIdentity {
+    service: String,
+    id: String,
+    address: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+struct LiveService {
+    id: u32,
+    key: ServiceKey,
+    ring: u32,
+}
+
+/// Ids the kernel knows a plan by; what `status` reads back.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Ids {
+    /// service name → service id
+    pub services: Vec<(String, u32)>,
+    /// (service name, backend name) → backend id
+    pub backends: Vec<(String, String, u32)>,
+}
+
+pub struct KernelDataplane {
+    ebpf: Ebpf,
+    links: Vec<(String, XdpLinkId)>,
+    services: HashMap<String, LiveService>,
+    backends: HashMap<BackendIdentity, u32>,
+    /// What each ring holds, so a reload writes only the slots that change.
+    rings: HashMap<u32, Vec<u32>>,
+    /// Backend-address filter bits are never cleared: flows to a removed backend still need
+    /// their replies translated until they end.
+    backend_filter: HashSet<u32>,
+    filter: Vec<u32>,
+    pinned: Option<PathBuf>,
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name).with_context(|| map_err(name))
+}
+
+fn map_err(name: &str) -> String {
+    format!("the eBPF object has no map {name}: the binary and its eBPF program are out of step")
+}
+
+impl KernelDataplane {
+    /// Load the program and its maps into the kernel (the verifier runs here).
+    pub fn load() -> Result<KernelDataplane> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| {
+            anyhow::anyhow!(
+                "loading the eBPF object failed: {e} (needs root or CAP_BPF+CAP_NET_ADMIN, \
+                 and a kernel with BPF and BTF)"
+            )
+        })?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .context("the eBPF object has no XDP program")?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow::anyhow!("the kernel rejected the XDP program: {e:#?}"))?;
+        Ok(KernelDataplane {
+            ebpf,
+            links: Vec::new(),
+            services: HashMap::new(),
+            backends: HashMap::new(),
+            rings: HashMap::new(),
+            backend_filter: HashSet::new(),
+            filter: vec![0; FILTER_SIZE as usize],
+            pinned: None,
+        })
+    }
+
+    /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .expect("program present since load")
+            .try_into()
+            .expect("program is XDP")
+    }
+
+    /// Attach to an interface; `mode` None lets the kernel choose (native where the driver has
+    /// it, generic otherwise).
+    pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<()> {
+        let c = std::ffi::CString::new(iface).context("interface name has a NUL byte")?;
+        // SAFETY: if_nametoindex reads a valid C string; it resolves in our network namespace.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            bail!("interface {iface} does not exist (see `ip link show`); fix `interfaces:` or --interface");
+        }
+        let id = self
+            .program()
+            .attach(iface, mode.unwrap_or_default())
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+        self.links.push((iface.to_string(), id));
+        Ok(())
+    }
+
+    pub fn interfaces(&self) -> Vec<String> {
+        self.links.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// Pin every map under `dir` so `ambassador status` (another process) can read them.
+    pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating pin directory {}", dir.display()))?;
+        for name in MAPS {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            self.ebpf
+                .map(name)
+                .with_context(|| map_err(name))?
+                .pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        self.pinned = Some(dir.to_owned());
+        Ok(())
+    }
+
+    /// Program a plan. Every table is written beside the live one and switched with a single
+    /// `SERVICES` update, so no packet ever sees a half-written table; flows already tracked keep
+    /// their backend whatever the plan says.
+    pub fn apply(&mut self, plan: &Plan) -> Result<Ids> {
+        // 1. Ids: keep existing ones, take new ones from those free in both old and new plans.
+        let mut used_svc: HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        let mut used_be: HashSet<u32> = self.backends.values().copied().collect();
+        let mut svc_ids = Vec::new();
+        let mut be_ids: Vec<Vec<u32>> = Vec::new();
+        let mut next_svc = 0u32;
+        let mut next_be = 0u32;
+        for s in &plan.services {
+            let id = match self.services.get(&s.name) {
+                Some(l) => l.id,
+                None => {
+                    while used_svc.contains(&next_svc) {
+                        next_svc += 1;
+                    }
+                    if next_svc >= MAX_SERVICES {
+                        bail!("no free service slot in the kernel (max {MAX_SERVICES})");
+                    }
+                    used_svc.insert(next_svc);
+                    next_svc
+                }
+            };
+            svc_ids.push(id);
+            let mut ids = Vec::new();
+            for b in &s.backends {
+                let ident = BackendIdentity {
+                    service: s.name.clone(),
+                    id: b.id(),
+                    address: b.address,
+                };
+                let id = match self.backends.get(&ident) {
+                    Some(&id) => id,
+                    None => {
+                        while used_be.contains(&next_be) {
+                            next_be += 1;
+                        }
+                        if next_be >= MAX_BACKENDS {
+                            bail!("no free backend slot in the kernel (max {MAX_BACKENDS})");
+                        }
+                        used_be.insert(next_be);
+                        next_be
+                    }
+                };
+                ids.push(id);
+            }
+            be_ids.push(ids);
+        }
+
+        // 2. Backends the new tables point at.
+        {
+            let mut backends: Array<_, Backend> =
+                Array::try_from(map_mut(&mut self.ebpf, "BACKENDS")?)?;
+            for (s, ids) in plan.services.iter().zip(&be_ids) {
+                for (b, &id) in s.backends.iter().zip(ids) {
+                    let (addr, family) = wire_addr(b.address.ip());
+                    let v = Backend {
+                        addr,
+                        port: ambassador_ebpf::wire_port(b.address.port()),
+                        family,
+                        valid: 1,
+                    };
+                    backends.set(id, v, 0).context("writing BACKENDS")?;
+                    self.backend_filter.insert(filter_index(&addr));
+                }
+            }
+        }
+
+        // 3. Tables, each into its service's idle ring.
+        let mut new_live = HashMap::new();
+        for ((s, &id), ids) in plan.services.iter().zip(&svc_ids).zip(&be_ids) {
+            let ring = match self.services.get(&s.name) {
+                Some(l) if l.id == id => l.ring ^ 1,
+                _ => 2 * id,
+            };
+            let want: Vec<u32> = s
+                .selector
+                .table
+                .slots
+                .iter()
+                .map(|&m| {
+                    if m == NO_BACKEND {
+                        NO_BACKEND
+                    } else {
+                        ids[m as usize]
+                    }
+                })
+                .collect();
+            self.write_ring(ring, want)?;
+            let (addr, family) = wire_addr(s.listen.addr.ip());
+            let key = ServiceKey {
+                addr,
+                port: ambassador_ebpf::wire_port(s.listen.addr.port()),
+                proto: s.listen.proto.number(),
+                family,
+            };
+            new_live.insert(s.name.clone(), LiveService { id, key, ring });
+        }
+
+        // 4. The address pre-filter: set bits before the services appear.
+        let mut filter = vec![0u32; FILTER_SIZE as usize];
+        for &i in &self.backend_filter {
+            filter[i as usize] |= FILTER_BACKEND;
+        }
+        for l in new_live.values() {
+            filter[filter_index(&l.key.addr) as usize] |= FILTER_SERVICE;
+        }
+        {
+            let old = self.filter.clone();
+            let mut arr: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, "ADDR_FILTER")?)?;
+            for (i, (&n, &o)) in filter.iter().zip(&old).enumerate() {
+                if n | o != o {
+                    arr.set(i as u32, n | o, 0).context("writing ADDR_FILTER")?;
+                }
+            }
+        }
+
+        // 5. The switch: one SERVICES update per service.
+        {
+            let mut services: BpfHashMap<_, ServiceKey, Service> =
+                BpfHashMap::try_from(map_mut(&mut self.ebpf, "SERVICES")?)?;
+            for (s, l) in plan.services.iter().map(|s| (s, &new_live[&s.name])) {
+                let v = Service {
+                    id: l.id,
+                    ring: l.ring,
+                    seed: s.selector.seed,
+                    key_mode: s.selector.key_mode,
+                    flags: 0,
+                };
+                services.insert(l.key, v, 0).context("writing SERVICES")?;
+            }
+            // Services that moved address or went away.
+            for (name, old) in &self.services {
+                match new_live.get(name) {
+                    Some(n) if n.key == old.key => {}
+                    _ => {
+                        if !new_live.values().any(|n| n.key == old.key) {
+                            let _ = services.remove(&old.key);
+                        }
+                    }
+                }
+            }
+        }
+
+        // 6. The exact filter, now that removed services are gone.
+        {
+            let mut arr: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, "ADDR_FILTER")?)?;
+            for (i, &n) in filter.iter().enumerate() {
+                arr.set(i as u32, n, 0).context("writing ADDR_FILTER")?;
+            }
+        }
+        self.filter = filter;
+
+        // 7. Backends no table points at any more: free their slots (tracked flows keep their
+        //    stored destination, so they are unaffected).
+        let mut new_backends = HashMap::new();
+        for (s, ids) in plan.services.iter().zip(&be_ids) {
+            for (b, &id) in s.backends.iter().zip(ids) {
+                new_backends.insert(
+                    BackendIdentity {
+                        service: s.name.clone(),
+                        id: b.id(),
+                        address: b.address,
+                    },
+                    id,
+                );
+            }
+        }
+        {
+            let keep: HashSet<u32> = new_backends.values().copied().collect();
+            let mut backends: Array<_, Backend> =
+                Array::try_from(map_mut(&mut self.ebpf, "BACKENDS")?)?;
+            for (_, &id) in self.backends.iter() {
+                if !keep.contains(&id) {
+                    backends.set(id, Backend::default(), 0)?;
+                }
+            }
+        }
+        // Rings of removed services are dropped from the cache (they are rewritten in full if
+        // the id is reused).
+        let live_ids: HashSet<u32> = new_live.values().map(|l| l.id).collect();
+        self.rings.retain(|r, _| live_ids.contains(&(r / 2)));
+        self.backends = new_backends;
+        self.services = new_live;
+
+        Ok(Ids {
+            services: plan
+                .services
+                .iter()
+                .zip(&svc_ids)
+                .map(|(s, &id)| (s.name.clone(), id))
+                .collect(),
+            backends: plan
+                .services
+                .iter()
+                .zip(&be_ids)
+                .flat_map(|(s, ids)| {
+                    s.backends
+                        .iter()
+                        .zip(ids)
+                        .map(|(b, &id)| (s.name.clone(), b.id(), id))
+                })
+                .collect(),
+        })
+    }
+
+    fn write_ring(&mut self, ring: u32, want: Vec<u32>) -> Result<()> {
+        let have = self.rings.remove(&ring);
+        let mut rings: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, "RINGS")?)?;
+        let base = ring * TABLE_SIZE;
+        for (slot, &v) in want.iter().enumerate() {
+            if have.as_ref().map(|h| h[slot]) != Some(v) {
+                rings
+                    .set(base + slot as u32, v, 0)
+                    .context("writing RINGS")?;
+            }
+        }
+        self.rings.insert(ring, want);
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        Stats::read(|name| {
+            self.ebpf
+                .map(name)
+                .with_context(|| map_err(name))
+                .and_then(|m| clone_map(m))
+        })
+    }
+
+    /// Number of tracked flow entries (both directions); walks the whole table.
+    pub fn flow_entries(&self) -> Result<usize> {
+        let m = self.ebpf.map("FLOWS").with_context(|| map_err("FLOWS"))?;
+        let flows: BpfHashMap<_, ambassador_ebpf::FlowKey, ambassador_ebpf::Flow> =
+            BpfHashMap::try_from(m)?;
+        Ok(flows.keys().filter(|k| k.is_ok()).count())
+    }
+}
+
+impl Drop for KernelDataplane {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.pinned {
+            for name in MAPS {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Maps are read through a fresh handle (a pinned one in `status`, the loader's own in the
+/// daemon); this reopens a map by id so both paths share one reader.
+fn clone_map(m: &Map) -> Result<Map> {
+    let info = match m {
+        Map::PerCpuArray(d) | Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) => d.info()?,
+        _ => bail!("unexpected map type"),
+    };
+    let data = MapData::from_id(info.id())?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub services: Vec<Counters2>,
+    pub backends: Vec<Counters2>,
+    pub global: Vec<(String, u64)>,
+}
+
+/// [`Counters`] in a serde-friendly form.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Counters2 {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+pub const STAT_NAMES: [(Stat, &str); STAT_COUNT as usize] = [
+    (Stat::PassNotOurs, "pass_not_ours"),
+    (Stat::PassUnparsed, "pass_unparsed"),
+    (Stat::PassFragment, "pass_fragment"),
+    (Stat::PassToStack, "pass_to_stack"),
+    (Stat::NatThenStack, "nat_then_stack"),
+    (Stat::Forwarded, "forwarded"),
+    (Stat::NewFlow, "new_flow"),
+    (Stat::ReverseNat, "reverse_nat"),
+    (Stat::IcmpTranslated, "icmp_translated"),
+    (Stat::NoBackend, "no_backend"),
+    (Stat::FlowInsertFailed, "flow_insert_failed"),
+];
+
+impl Stats {
+    /// Read counters through `open(map name)`.
+    pub fn read(open: impl Fn(&str) -> Result<Map>) -> Result<Stats> {
+        let sum = |m: Map, n: u32| -> Result<Vec<Counters2>> {
+            let arr: PerCpuArray<_, Counters> = PerCpuArray::try_from(m)?;
+            (0..n)
+                .map(|i| {
+                    let v = arr.get(&i, 0)?;
+                    Ok(v.iter().fold(Counters2::default(), |a, c| Counters2 {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                        new_flows: a.new_flows + c.new_flows,
+                    }))
+                })
+                .collect()
+        };
+        let services = sum(open("SERVICE_STATS")?, MAX_SERVICES)?;
+        let backends = sum(open("BACKEND_STATS")?, MAX_BACKENDS)?;
+        let g: PerCpuArray<_, u64> = PerCpuArray::try_from(open("GLOBAL_STATS")?)?;
+        let global = STAT_NAMES
+            .iter()
+            .map(|(s, n)| Ok((n.to_string(), g.get(&(*s as u32), 0)?.iter().sum())))
+            .collect::<Result<_>>()?;
+        Ok(Stats {
+            services,
+            backends,
+            global,
+        })
+    }
+
+    /// Read counters from maps pinned under `dir` by a running daemon.
+    pub fn read_pinned(dir: &Path) -> Result<Stats> {
+        Stats::read(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        })
+    }
+
+    pub fn global(&self, name: &str) -> u64 {
+        self.global
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so maps fit.
+fn raise_memlock_limit() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer to a stack value; failure is harmless on ≥ 5.11.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+    }
+}
+
+/// Checks that make `run` fail early with a fix instead of a kernel error code.
+pub fn preflight(pin_dir: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "ambassador run needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): run it with sudo"
+        );
+    }
+    let bpffs = pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+    if !is_bpffs(bpffs) {
+        bail!(
+            "{} is not a mounted bpf filesystem: mount it with `mount -t bpf bpf {}`",
+            bpffs.display(),
+            bpffs.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs with a valid C string and a zeroed out-struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}

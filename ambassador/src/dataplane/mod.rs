@@ -1,0 +1,72 @@
+//! Data planes: what the config means for packets, and the two places it is carried out.
+//!
+//! [`Plan`] turns a validated config into per-service selectors (pure: no kernel needed);
+//! [`kernel`] writes plans into the XDP program's maps. Both `simulate` and the tests use the
+//! same [`Plan`], so their choices are the kernel's.
+
+pub mod kernel;
+
+use crate::{
+    config::{BackendConfig, Config, Listen, SplitKey},
+    select::{service_seed, FlowTuple, Member, Selector, Table},
+};
+
+/// One service, ready to program.
+#[derive(Debug, Clone)]
+pub struct ServicePlan {
+    pub name: String,
+    pub listen: Listen,
+    pub key: SplitKey,
+    pub backends: Vec<BackendConfig>,
+    pub selector: Selector,
+}
+
+impl ServicePlan {
+    /// The backend a new flow from `client` picks, or `None` for a service without backends.
+    pub fn pick(&self, client: std::net::SocketAddr) -> Option<&BackendConfig> {
+        let f = FlowTuple::new(client, self.listen.addr, self.listen.proto.number());
+        self.selector.pick(&f).map(|i| &self.backends[i])
+    }
+}
+
+/// Every service of a config with its lookup table built.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub services: Vec<ServicePlan>,
+}
+
+impl Plan {
+    pub fn build(cfg: &Config) -> Plan {
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                let members: Vec<Member> = s
+                    .split
+                    .backends
+                    .iter()
+                    .map(|b| Member {
+                        id: b.id(),
+                        weight: b.weight,
+                    })
+                    .collect();
+                ServicePlan {
+                    name: s.name.clone(),
+                    listen: s.listen,
+                    key: s.split.key,
+                    backends: s.split.backends.clone(),
+                    selector: Selector {
+                        key_mode: s.split.key.mode() as u32,
+                        seed: s.split.seed.unwrap_or_else(|| service_seed(&s.name)),
+                        table: Table::build(&members),
+                    },
+                }
+            })
+            .collect();
+        Plan { services }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServicePlan> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}

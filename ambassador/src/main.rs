@@ -1,0 +1,148 @@
+//! The `ambassador` command: a thin wiring of the library's modules.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use ambassador::{config::Config, daemon, simulate, status};
+use anyhow::{anyhow, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(version, about = "Node-level L4 ambassador with an XDP fast path")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a config file; exits non-zero with file:line, the key and the fix.
+    Check { file: PathBuf },
+    /// Predict each backend's share of clients, and with --against how many clients a new
+    /// config would move.
+    Simulate {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        clients: u32,
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Seed of the simulated client addresses.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and attach the XDP program and keep it programmed from the config.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Interface to attach to (repeatable); overrides `interfaces:` in the config.
+        #[arg(long = "interface", short = 'i')]
+        interfaces: Vec<String>,
+        #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+        xdp_mode: XdpModeArg,
+        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Services, backends, weights and kernel counters of the running daemon.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    /// Native where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Check { file } => {
+            let cfg = Config::load(&file).map_err(|e| anyhow!("{e}"))?;
+            let backends: usize = cfg.services.iter().map(|s| s.split.backends.len()).sum();
+            println!(
+                "{}: ok ({} services, {backends} backends)",
+                file.display(),
+                cfg.services.len()
+            );
+            Ok(())
+        }
+        Cmd::Simulate {
+            config,
+            clients,
+            against,
+            seed,
+            json,
+        } => {
+            let cfg = Config::load(&config).map_err(|e| anyhow!("{e}"))?;
+            let other = match against {
+                Some(p) => Some(Config::load(&p).map_err(|e| anyhow!("{e}"))?),
+                None => None,
+            };
+            let sim = simulate::simulate(&cfg, other.as_ref(), clients, seed);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sim)?);
+            } else {
+                print!("{}", simulate::render(&sim));
+            }
+            Ok(())
+        }
+        Cmd::Run {
+            config,
+            interfaces,
+            xdp_mode,
+            state_dir,
+            pin_dir,
+        } => {
+            let xdp_mode = match xdp_mode {
+                XdpModeArg::Auto => None,
+                XdpModeArg::Native => Some(aya::programs::XdpMode::Driver),
+                XdpModeArg::Skb => Some(aya::programs::XdpMode::Skb),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(daemon::run(daemon::RunOptions {
+                config,
+                interfaces,
+                xdp_mode,
+                state_dir,
+                pin_dir,
+            }))
+        }
+        Cmd::Status { json, state_dir } => {
+            let r = status::report(&state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", status::render(&r));
+            }
+            Ok(())
+        }
+    }
+}

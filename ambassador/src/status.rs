@@ -1,0 +1,169 @@
+//! `ambassador status`: services, backends, weights and kernel counters of the running daemon.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{daemon::State, dataplane::kernel::Stats};
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub generation: u64,
+    pub config: String,
+    pub interfaces: Vec<String>,
+    pub last_error: Option<String>,
+    pub services: Vec<ServiceStatus>,
+    pub kernel: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listen: String,
+    pub key: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+pub fn report(state_dir: &Path) -> Result<StatusReport> {
+    let state = State::read(state_dir)?;
+    let stats = Stats::read_pinned(&state.pin_dir)?;
+    let services = state
+        .config
+        .services
+        .iter()
+        .map(|s| {
+            let sid = state
+                .ids
+                .services
+                .iter()
+                .find(|(n, _)| *n == s.name)
+                .map(|(_, id)| *id as usize);
+            let sc = sid
+                .and_then(|i| stats.services.get(i))
+                .copied()
+                .unwrap_or_default();
+            ServiceStatus {
+                name: s.name.clone(),
+                listen: s.listen.to_string(),
+                key: serde_json::to_value(s.split.key)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                packets: sc.packets,
+                bytes: sc.bytes,
+                new_flows: sc.new_flows,
+                backends: s
+                    .split
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let bc = state
+                            .ids
+                            .backends
+                            .iter()
+                            .find(|(sn, bn, _)| *sn == s.name && *bn == b.id())
+                            .and_then(|(_, _, id)| stats.backends.get(*id as usize))
+                            .copied()
+                            .unwrap_or_default();
+                        BackendStatus {
+                            name: b.id(),
+                            address: b.address.to_string(),
+                            weight: b.weight,
+                            packets: bc.packets,
+                            bytes: bc.bytes,
+                            new_flows: bc.new_flows,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(StatusReport {
+        pid: state.pid,
+        generation: state.generation,
+        config: state.config_path.display().to_string(),
+        interfaces: state.interfaces,
+        last_error: state.last_error,
+        services,
+        kernel: stats.global,
+    })
+}
+
+pub fn render(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "ambassador pid {} · config {} (generation {}) · XDP on {}",
+        r.pid,
+        r.config,
+        r.generation,
+        r.interfaces.join(", ")
+    );
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(
+            o,
+            "last reload REJECTED (still serving generation {}): {e}",
+            r.generation
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n{:<16} {:<24} {:<12} {:<18} {:<24} {:>6} {:>10} {:>12} {:>10} {:>7}",
+        "SERVICE",
+        "LISTEN",
+        "KEY",
+        "BACKEND",
+        "ADDRESS",
+        "WEIGHT",
+        "PACKETS",
+        "BYTES",
+        "NEW FLOWS",
+        "SHARE"
+    );
+    for s in &r.services {
+        for (i, b) in s.backends.iter().enumerate() {
+            let share = if s.new_flows > 0 {
+                format!("{:.1}%", 100.0 * b.new_flows as f64 / s.new_flows as f64)
+            } else {
+                "-".into()
+            };
+            let (n, l, k) = if i == 0 {
+                (s.name.as_str(), s.listen.as_str(), s.key.as_str())
+            } else {
+                ("", "", "")
+            };
+            let _ = writeln!(
+                o,
+                "{n:<16} {l:<24} {k:<12} {:<18} {:<24} {:>6} {:>10} {:>12} {:>10} {share:>7}",
+                b.name, b.address, b.weight, b.packets, b.bytes, b.new_flows
+            );
+        }
+        if s.backends.is_empty() {
+            let _ = writeln!(
+                o,
+                "{:<16} {:<24} {:<12} (no backends)",
+                s.name, s.listen, s.key
+            );
+        }
+    }
+    let _ = writeln!(o, "\nkernel:");
+    for (k, v) in &r.kernel {
+        let _ = writeln!(o, "  {k:<20} {v}");
+    }
+    o
+}
