@@ -218,7 +218,7 @@ impl Config {
 
     /// Parse and validate config text; `path` only labels errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
         cfg.validate().map_err(|(key, needle, message, fix)| {
             let line = needle.and_then(|n| locate(text, &n));
             ConfigError {
@@ -366,7 +366,7 @@ fn locate(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }
 
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
+fn yaml_error(path: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
     let (line, column) = match e.location() {
         Some(l) => (Some(l.line()), Some(l.column())),
         None => (None, None),
@@ -384,11 +384,45 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
         "add the missing key".to_string()
     } else if message.starts_with("unknown variant") {
         "use one of the values listed".to_string()
+    } else if message.starts_with("invalid type: sequence") {
+        "quote IPv6 addresses, YAML reads a bare `[` as a list: address: '[fd00::2]:80'".to_string()
     } else if message.contains("invalid socket address") {
         "write ADDRESS:PORT, with IPv6 in brackets: `[fd00::2]:80`".to_string()
     } else {
         String::new()
     };
+    let (mut line, mut column, mut key) = (line, column, key);
+    // Errors from our own value parsers are located at the enclosing mapping; when the message
+    // quotes the offending value, point at the line that holds it and name its key.
+    let ours = ![
+        "unknown field",
+        "missing field",
+        "unknown variant",
+        "invalid type",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
+    if let Some((l, k)) = quoted_values(&message).filter(|_| ours).find_map(|v| {
+        let l = locate(text, v)?;
+        let k = text
+            .lines()
+            .nth(l - 1)?
+            .split(':')
+            .next()?
+            .trim()
+            .trim_start_matches("- ");
+        Some((l, k.to_string()))
+    }) {
+        line = Some(l);
+        column = None;
+        if !k.is_empty() && !k.contains(' ') && !key.ends_with(&k) {
+            key = if key.is_empty() {
+                k
+            } else {
+                format!("{key}.{k}")
+            };
+        }
+    }
     ConfigError {
         file: path.to_owned(),
         line,
@@ -397,6 +431,18 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
         message,
         fix,
     }
+}
+
+/// Values quoted in `backticks` in a message, longest first.
+fn quoted_values(message: &str) -> impl Iterator<Item = &str> {
+    let mut v: Vec<&str> = message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.len() > 3)
+        .collect();
+    v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    v.into_iter()
 }
 
 #[cfg(test)]
@@ -454,10 +500,13 @@ services:
     fn bad_listen_and_family_mismatch_are_explained() {
         let e = parse(&GOOD.replace("80/tcp", "80/sctp")).unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
+        assert_eq!(e.key, "services[0].listen", "{e}");
         assert!(e.message.contains("sctp"), "{e}");
-        let e = parse(&GOOD.replace("10.200.3.2:80", "[fd00::3]:80")).unwrap_err();
+        let e = parse(&GOOD.replace("10.200.3.2:80", "'[fd00::3]:80'")).unwrap_err();
         assert!(e.message.contains("different IP families"), "{e}");
         assert_eq!(e.line, Some(9));
+        let e = parse(&GOOD.replace("10.200.3.2:80", "[fd00::3]:80")).unwrap_err();
+        assert!(e.fix.contains("quote IPv6"), "{e}");
     }
 
     #[test]

@@ -1,1 +1,36 @@
+//! Test harness: network namespaces the tests create and remove, packet construction with
+//! etherparse (independent of the code under test), and the real `ambassador` binary.
 
+pub mod netns;
+pub mod packets;
+
+use std::path::PathBuf;
+
+/// The `ambassador` binary built alongside the tests (same profile).
+pub fn ambassador_bin() -> PathBuf {
+    let mut p = std::env::current_exe().expect("test binary path");
+    p.pop();
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    let bin = p.join("ambassador");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p ambassador`, or `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// Fail with a message naming the missing kernel feature or privilege, never skip.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load BPF programs and create network namespaces: run them as root"
+    );
+    if !std::path::Path::new("/sys/fs/bpf").join(".").exists() {
+        panic!("/sys/fs/bpf is missing: this kernel lacks bpffs (CONFIG_BPF_SYSCALL)");
+    }
+}

@@ -1,0 +1,607 @@
+//! Katran-style packet fixtures: crafted packets through the real XDP program with
+//! `BPF_PROG_TEST_RUN`; for each the action, the exact output bytes (built independently with
+//! etherparse, checksums included) and the counters are checked.
+//!
+//! The program runs in a namespace of the test's own, with routes and permanent neighbour
+//! entries, so `bpf_fib_lookup` resolves and the rewritten MACs are known.
+
+use std::{net::SocketAddr, path::Path};
+
+use ambassador::{
+    config::Config,
+    dataplane::{
+        kernel::{Ids, KernelDataplane},
+        Plan,
+    },
+};
+use ambassador_tests::{
+    netns::Netns,
+    packets::{l3_offset, Spec},
+    require_root,
+};
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const LB_BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 0xbe, 0];
+const LB_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc1, 0];
+const WEB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const EXPERIMENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+
+const CONFIG: &str = "
+services:
+  - name: web4
+    listen: 10.200.0.100:80/tcp
+    split:
+      key: src-ip
+      backends:
+        - { name: web,        address: 10.200.2.2:8080, weight: 9 }
+        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }
+  - name: dns4
+    listen: 10.200.0.100:53/udp
+    split:
+      key: src-ip-port
+      backends:
+        - { name: a, address: 10.200.2.2:5353 }
+        - { name: b, address: 10.200.3.2:5353 }
+  - name: web6
+    listen: '[fd00::100]:80/tcp'
+    split:
+      key: src-ip
+      backends:
+        - { name: web,        address: '[fd00:2::2]:8080', weight: 9 }
+        - { name: experiment, address: '[fd00:3::2]:8080', weight: 1 }
+  - name: dns6
+    listen: '[fd00::100]:53/udp'
+    split:
+      key: five-tuple
+      backends:
+        - { name: a, address: '[fd00:2::2]:5353' }
+        - { name: b, address: '[fd00:3::2]:5353' }
+";
+
+struct Fixture {
+    ns: Netns,
+    dp: KernelDataplane,
+    plan: Plan,
+    ids: Ids,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture::with_config(CONFIG)
+    }
+
+    fn with_config(yaml: &str) -> Fixture {
+        require_root();
+        let ns = Netns::new("pkt");
+        // be0: toward the backends; cl0: toward the clients (default route).
+        ns.ip("link add be0 type veth peer name be1");
+        ns.ip("link add cl0 type veth peer name cl1");
+        ns.ip(&format!("link set be0 address {}", mac(LB_BACKEND_MAC)));
+        ns.ip(&format!("link set cl0 address {}", mac(LB_CLIENT_MAC)));
+        for l in ["be0", "be1", "cl0", "cl1"] {
+            ns.ip(&format!("link set {l} up"));
+        }
+        for a in [
+            "10.200.2.1/24",
+            "10.200.3.1/24",
+            "fd00:2::1/64 nodad",
+            "fd00:3::1/64 nodad",
+        ] {
+            ns.ip(&format!("addr add {a} dev be0"));
+        }
+        for a in ["192.0.2.1/24", "fd00:1::1/64 nodad"] {
+            ns.ip(&format!("addr add {a} dev cl0"));
+        }
+        for (ip, m) in [
+            ("10.200.2.2", WEB_MAC),
+            ("10.200.3.2", EXPERIMENT_MAC),
+            ("fd00:2::2", WEB_MAC),
+            ("fd00:3::2", EXPERIMENT_MAC),
+        ] {
+            ns.ip(&format!(
+                "neigh replace {ip} lladdr {} dev be0 nud permanent",
+                mac(m)
+            ));
+        }
+        ns.ip(&format!(
+            "neigh replace 192.0.2.254 lladdr {} dev cl0 nud permanent",
+            mac(GATEWAY_MAC)
+        ));
+        ns.ip(&format!(
+            "neigh replace fd00:1::fe lladdr {} dev cl0 nud permanent",
+            mac(GATEWAY_MAC)
+        ));
+        ns.ip("route add default via 192.0.2.254 dev cl0");
+        ns.ip("-6 route add default via fd00:1::fe dev cl0");
+        ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+
+        let cfg = Config::parse(Path::new("packet-test.yaml"), yaml).expect("test config");
+        let plan = Plan::build(&cfg);
+        let mut dp = KernelDataplane::load().expect("load XDP program");
+        let ids = dp.apply(&plan).expect("program maps");
+        Fixture { ns, dp, plan, ids }
+    }
+
+    /// Run one packet; returns the action and the packet as the program left it.
+    fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let _in = self.ns.enter();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = self
+            .dp
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        assert_ne!(r.return_value, 0, "XDP_ABORTED on {pkt:02x?}");
+        (r.return_value, out)
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.dp.stats().unwrap().global(name)
+    }
+
+    fn backend_new_flows(&self, service: &str, backend: &str) -> u64 {
+        let id = self
+            .ids
+            .backends
+            .iter()
+            .find(|(s, b, _)| s == service && b == backend)
+            .map(|(_, _, id)| *id)
+            .expect("backend id");
+        self.dp.stats().unwrap().backends[id as usize].new_flows
+    }
+
+    /// The backend the shared selection code picks for a client of a service.
+    fn pick(&self, service: &str, client: &str) -> (String, SocketAddr) {
+        let b = self
+            .plan
+            .service(service)
+            .unwrap()
+            .pick(client.parse().unwrap())
+            .unwrap();
+        (b.id(), b.address)
+    }
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn backend_mac(addr: SocketAddr) -> [u8; 6] {
+    let s = addr.ip().to_string();
+    if s.starts_with("10.200.2.") || s.starts_with("fd00:2:") {
+        WEB_MAC
+    } else {
+        EXPERIMENT_MAC
+    }
+}
+
+/// What a packet to a service must look like after the program: destination rewritten to the
+/// backend, one hop less, MACs from the FIB.
+fn expected_dnat(input: &Spec, backend: SocketAddr) -> Vec<u8> {
+    Spec {
+        dst: backend,
+        ttl: input.ttl - 1,
+        src_mac: LB_BACKEND_MAC,
+        dst_mac: backend_mac(backend),
+        ..input.clone()
+    }
+    .build()
+}
+
+/// A client for which the shared selection picks `want` for `service`.
+fn client_for(f: &Fixture, service: &str, want: &str, v6: bool, port: u16) -> String {
+    (0..5000u32)
+        .map(|i| {
+            if v6 {
+                format!("[fd00:1::{:x}]:{port}", i + 0x100)
+            } else {
+                format!("198.51.{}.{}:{port}", i / 250, i % 250 + 2)
+            }
+        })
+        .find(|c| f.pick(service, c).0 == want)
+        .expect("some client picks the wanted backend")
+}
+
+#[test]
+fn new_ipv4_tcp_flow_is_dnatted_to_its_backend_and_counted() {
+    let mut f = Fixture::new();
+    let input = Spec::tcp("198.51.100.7:40000", "10.200.0.100:80");
+    let (name, backend) = f.pick("web4", "198.51.100.7:40000");
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, expected_dnat(&input, backend), "rewritten bytes");
+    assert_eq!(f.stat("new_flow"), 1);
+    assert_eq!(f.stat("forwarded"), 1);
+    assert_eq!(f.backend_new_flows("web4", &name), 1);
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_it_leaves_the_config() {
+    let mut f = Fixture::new();
+    let client = client_for(&f, "web4", "experiment", false, 41000);
+    let input = Spec::tcp(&client, "10.200.0.100:80");
+    let experiment: SocketAddr = "10.200.3.2:8080".parse().unwrap();
+    let (_, out) = f.run(&input.build());
+    assert_eq!(out, expected_dnat(&input, experiment));
+
+    // New config: the experiment is gone.
+    let only_web = CONFIG.replace(
+        "        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }\n",
+        "",
+    );
+    let cfg = Config::parse(Path::new("t.yaml"), &only_web).unwrap();
+    f.dp.apply(&Plan::build(&cfg)).unwrap();
+
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        expected_dnat(&input, experiment),
+        "established flow moved"
+    );
+    assert_eq!(
+        f.stat("new_flow"),
+        1,
+        "the established flow was not re-picked"
+    );
+
+    // A new connection from the same client follows the new config.
+    let mut second = input.clone();
+    second.src.set_port(41001);
+    let (_, out) = f.run(&second.build());
+    assert_eq!(
+        out,
+        expected_dnat(&second, "10.200.2.2:8080".parse().unwrap())
+    );
+    assert_eq!(f.stat("new_flow"), 2);
+}
+
+#[test]
+fn reply_from_backend_is_rewritten_to_the_service_address() {
+    let mut f = Fixture::new();
+    let input = Spec::tcp("198.51.100.9:40001", "10.200.0.100:80");
+    let (_, backend) = f.pick("web4", "198.51.100.9:40001");
+    f.run(&input.build());
+
+    let reply = Spec {
+        src_mac: backend_mac(backend),
+        dst_mac: LB_BACKEND_MAC,
+        ..Spec::tcp(&backend.to_string(), "198.51.100.9:40001")
+    };
+    let (action, out) = f.run(&reply.build());
+    assert_eq!(action, XDP_REDIRECT);
+    let want = Spec {
+        src: "10.200.0.100:80".parse().unwrap(),
+        ttl: 63,
+        src_mac: LB_CLIENT_MAC,
+        dst_mac: GATEWAY_MAC,
+        ..reply.clone()
+    };
+    assert_eq!(out, want.build());
+    assert_eq!(f.stat("reverse_nat"), 1);
+}
+
+#[test]
+fn ipv4_with_options_is_rewritten_and_options_kept() {
+    let mut f = Fixture::new();
+    let mut input = Spec::tcp("198.51.100.10:40002", "10.200.0.100:80");
+    // NOPs and an end-of-list: IHL 7.
+    input.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0];
+    let (_, backend) = f.pick("web4", "198.51.100.10:40002");
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, expected_dnat(&input, backend));
+}
+
+#[test]
+fn ipv6_tcp_flow_is_dnatted() {
+    let mut f = Fixture::new();
+    let input = Spec::tcp("[fd00:1::7]:40003", "[fd00::100]:80");
+    let (_, backend) = f.pick("web6", "[fd00:1::7]:40003");
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(out, expected_dnat(&input, backend));
+}
+
+#[test]
+fn udp_v4_and_v6_flows_are_dnatted_with_checksums() {
+    let mut f = Fixture::new();
+    for (svc, client, vip) in [
+        ("dns4", "198.51.100.11:5000", "10.200.0.100:53"),
+        ("dns6", "[fd00:1::11]:5000", "[fd00::100]:53"),
+    ] {
+        let input = Spec::udp(client, vip);
+        let (_, backend) = f.pick(svc, client);
+        let (action, out) = f.run(&input.build());
+        assert_eq!(action, XDP_REDIRECT, "{svc}");
+        assert_eq!(out, expected_dnat(&input, backend), "{svc}");
+    }
+}
+
+#[test]
+fn udp_without_checksum_stays_without_checksum() {
+    let mut f = Fixture::new();
+    let input = Spec::udp("198.51.100.12:5001", "10.200.0.100:53");
+    let (_, backend) = f.pick("dns4", "198.51.100.12:5001");
+    let mut pkt = input.build();
+    let csum_off = 14 + 20 + 6;
+    pkt[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
+    let (action, out) = f.run(&pkt);
+    assert_eq!(action, XDP_REDIRECT);
+    let mut want = expected_dnat(&input, backend);
+    want[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
+    assert_eq!(out, want);
+}
+
+#[test]
+fn vlan_tagged_flow_is_rewritten_and_handed_to_the_stack() {
+    let mut f = Fixture::new();
+    let mut input = Spec::tcp("198.51.100.13:40004", "10.200.0.100:80");
+    input.vlan = Some(42);
+    let (_, backend) = f.pick("web4", "198.51.100.13:40004");
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_PASS);
+    // Rewritten, tag kept; routing (and the hop) are the stack's.
+    let want = Spec {
+        dst: backend,
+        ..input.clone()
+    };
+    assert_eq!(out, want.build());
+    assert_eq!(f.stat("nat_then_stack"), 1);
+}
+
+#[test]
+fn expiring_ttl_is_left_to_the_stack_after_rewrite() {
+    let mut f = Fixture::new();
+    let mut input = Spec::tcp("198.51.100.14:40005", "10.200.0.100:80");
+    input.ttl = 1;
+    let (_, backend) = f.pick("web4", "198.51.100.14:40005");
+    let (action, out) = f.run(&input.build());
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        Spec {
+            dst: backend,
+            ..input
+        }
+        .build()
+    );
+}
+
+#[test]
+fn icmp_frag_needed_for_a_tracked_flow_reaches_the_backend() {
+    let mut f = Fixture::new();
+    let client = "198.51.100.20:40010";
+    let (_, backend) = f.pick("web4", client);
+    f.run(&Spec::tcp(client, "10.200.0.100:80").build());
+
+    // A router on the client side could not forward our (reverse-NATed) reply.
+    let quoted = Spec::tcp("10.200.0.100:80", client).ip_bytes();
+    let quote = &quoted[..20 + 8];
+    let icmp = |dst: [u8; 4], ttl: u8, smac, dmac, quote: &[u8]| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(smac, dmac)
+            .ipv4([192, 0, 2, 254], dst, ttl)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            ))
+            .write(&mut v, quote)
+            .unwrap();
+        v
+    };
+    let input = icmp([10, 200, 0, 100], 64, GATEWAY_MAC, LB_CLIENT_MAC, quote);
+    let (action, out) = f.run(&input);
+    assert_eq!(action, XDP_REDIRECT);
+    let want_quote = Spec::tcp(&backend.to_string(), client).ip_bytes();
+    let b = match backend.ip() {
+        std::net::IpAddr::V4(a) => a.octets(),
+        _ => unreachable!(),
+    };
+    let want = icmp(
+        b,
+        63,
+        LB_BACKEND_MAC,
+        backend_mac(backend),
+        &want_quote[..28],
+    );
+    assert_eq!(out, want);
+    assert_eq!(f.stat("icmp_translated"), 1);
+}
+
+#[test]
+fn icmpv6_packet_too_big_for_a_tracked_flow_reaches_the_backend() {
+    let mut f = Fixture::new();
+    let client = "[fd00:1::20]:40011";
+    let (_, backend) = f.pick("web6", client);
+    f.run(&Spec::tcp(client, "[fd00::100]:80").build());
+
+    let quoted = Spec::tcp("[fd00::100]:80", client).ip_bytes();
+    let icmp = |dst: [u8; 16], hop: u8, smac, dmac, quote: &[u8]| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(smac, dmac)
+            .ipv6(
+                "fd00:1::fe".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                dst,
+                hop,
+            )
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut v, quote)
+            .unwrap();
+        v
+    };
+    let vip = "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let (action, out) = f.run(&icmp(vip, 64, GATEWAY_MAC, LB_CLIENT_MAC, &quoted[..48]));
+    assert_eq!(action, XDP_REDIRECT);
+    let b = match backend.ip() {
+        std::net::IpAddr::V6(a) => a.octets(),
+        _ => unreachable!(),
+    };
+    let want_quote = Spec::tcp(&backend.to_string(), client).ip_bytes();
+    let want = icmp(
+        b,
+        63,
+        LB_BACKEND_MAC,
+        backend_mac(backend),
+        &want_quote[..48],
+    );
+    assert_eq!(out, want);
+}
+
+#[test]
+fn icmp_for_an_untracked_flow_passes_untouched() {
+    let mut f = Fixture::new();
+    let quoted = Spec::tcp("10.200.0.100:80", "198.51.100.21:40012").ip_bytes();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(GATEWAY_MAC, LB_CLIENT_MAC)
+        .ipv4([192, 0, 2, 254], [10, 200, 0, 100], 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut v, &quoted[..28])
+        .unwrap();
+    assert_eq!(f.run(&v), (XDP_PASS, v.clone()));
+}
+
+#[test]
+fn fragments_pass_untouched() {
+    let mut f = Fixture::new();
+    let input = Spec::tcp("198.51.100.22:40013", "10.200.0.100:80");
+    // IPv4: more-fragments set, then a non-zero offset.
+    for (byte6, byte7) in [(0x20u8, 0u8), (0x00, 0x10)] {
+        let mut pkt = input.build();
+        pkt[14 + 6] = byte6;
+        pkt[14 + 7] = byte7;
+        fix_ipv4_checksum(&mut pkt, 14);
+        assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
+    }
+    // IPv6 with a fragment header.
+    let mut pkt = Spec::tcp("[fd00:1::22]:40013", "[fd00::100]:80").build();
+    let l4 = pkt.split_off(14 + 40);
+    let frag = [6u8, 0, 0, 1, 0, 0, 0, 7];
+    pkt[14 + 6] = 44;
+    let plen = (l4.len() + 8) as u16;
+    pkt[14 + 4..14 + 6].copy_from_slice(&plen.to_be_bytes());
+    pkt.extend_from_slice(&frag);
+    pkt.extend_from_slice(&l4);
+    assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
+    assert!(f.stat("pass_fragment") >= 3);
+    assert_eq!(f.stat("new_flow"), 0);
+}
+
+#[test]
+fn truncated_and_malformed_packets_pass_untouched() {
+    let mut f = Fixture::new();
+    for spec in [
+        Spec::tcp("198.51.100.23:40014", "10.200.0.100:80"),
+        Spec::tcp("[fd00:1::23]:40014", "[fd00::100]:80"),
+        Spec::udp("198.51.100.23:40014", "10.200.0.100:53"),
+    ] {
+        let pkt = spec.build();
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (as a NIC would).
+        for len in 14..pkt.len() {
+            let cut = &pkt[..len];
+            let (action, out) = f.run(cut);
+            assert_eq!((action, &out[..]), (XDP_PASS, cut), "cut at {len}");
+        }
+    }
+    // IHL below 5, and a version that does not match the ethertype.
+    let good = Spec::tcp("198.51.100.24:40015", "10.200.0.100:80").build();
+    for first in [0x44u8, 0x65] {
+        let mut pkt = good.clone();
+        pkt[14] = first;
+        assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
+    }
+    assert_eq!(f.stat("new_flow"), 0);
+}
+
+#[test]
+fn non_service_traffic_passes_untouched() {
+    let mut f = Fixture::new();
+    let mut icmp_echo = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 51, 100, 1], [10, 200, 0, 100], 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp_echo, b"ping")
+        .unwrap();
+    let arp = {
+        let mut v = vec![0xffu8; 6];
+        v.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        v.extend_from_slice(&[0u8; 28]);
+        v
+    };
+    for pkt in [
+        Spec::tcp("198.51.100.25:40016", "10.200.0.100:81").build(),
+        Spec::tcp("198.51.100.25:40016", "10.200.0.101:80").build(),
+        Spec::udp("198.51.100.25:40016", "10.200.0.100:80").build(),
+        Spec::tcp("[fd00:1::25]:40016", "[fd00::101]:80").build(),
+        icmp_echo,
+        arp,
+    ] {
+        assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
+    }
+    assert_eq!(f.stat("new_flow"), 0);
+}
+
+#[test]
+fn service_without_backends_is_passed_to_the_stack() {
+    let yaml = "services:\n  - name: empty\n    listen: 10.200.0.100:80/tcp\n    split: { backends: [] }\n";
+    let mut f = Fixture::with_config(yaml);
+    let pkt = Spec::tcp("198.51.100.26:40017", "10.200.0.100:80").build();
+    assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
+    assert_eq!(f.stat("no_backend"), 1);
+}
+
+#[test]
+fn kernel_picks_what_simulate_picks_for_10000_clients() {
+    let mut f = Fixture::new();
+    let clients: Vec<SocketAddr> = ambassador::simulate::clients(10_000, false, 7).collect();
+    let svc = f.plan.service("web4").unwrap().clone();
+    let mut per_backend = std::collections::HashMap::new();
+    for c in &clients {
+        let input = Spec::tcp(&c.to_string(), "10.200.0.100:80");
+        let (action, out) = f.run(&input.build());
+        assert_eq!(action, XDP_REDIRECT, "client {c}");
+        let l3 = l3_offset(&input);
+        let kernel_dst =
+            std::net::Ipv4Addr::new(out[l3 + 16], out[l3 + 17], out[l3 + 18], out[l3 + 19]);
+        let predicted = svc.pick(*c).unwrap().address;
+        assert_eq!(
+            std::net::IpAddr::V4(kernel_dst),
+            predicted.ip(),
+            "client {c}"
+        );
+        *per_backend.entry(kernel_dst).or_insert(0u32) += 1;
+    }
+    // And the split itself is the 9:1 the config asks for.
+    let web = per_backend[&std::net::Ipv4Addr::new(10, 200, 2, 2)] as f64 / 10_000.0;
+    assert!((0.88..=0.92).contains(&web), "web share {web}");
+}
+
+fn fix_ipv4_checksum(pkt: &mut [u8], l3: usize) {
+    pkt[l3 + 10] = 0;
+    pkt[l3 + 11] = 0;
+    let ihl = ((pkt[l3] & 0xf) * 4) as usize;
+    let mut s: u32 = pkt[l3..l3 + ihl]
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    pkt[l3 + 10..l3 + 12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+}
