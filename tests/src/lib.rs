@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod packets;
+pub mod topology;
 
 use std::path::PathBuf;
 

@@ -1,1 +1,219 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. Everything a fresh machine needs is installed by
+//! `setup`, which `test`, `demo` and `bench` run first.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ambassador's build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Setup, then fmt check, clippy, and every test (unit, packet, network-namespace).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and run the 90/10 sticky split in a throw-away netns topology.
+    Demo,
+    /// Benchmarks that print ratios against peers measured in the same run.
+    Bench {
+        #[arg(value_parser = ["xdp", "forward"])]
+        which: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            setup()?;
+            run_harness_bin("demo", &[])
+        }
+        Cmd::Bench { which } => {
+            setup()?;
+            run_harness_bin(&format!("bench-{which}"), &[])
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Debian packages: LLVM 22 to build bpf-linker; iproute2/ethtool for the network-namespace
+/// tests; nginx as the real HTTP backend; wrk and nftables for `bench forward`.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "ethtool",
+    "util-linux",
+    "nginx-light",
+    "wrk",
+    "nftables",
+    "procps",
+];
+
+fn setup() -> Result<()> {
+    if output("id", &["-u"]).trim() != "0" {
+        bail!("setup installs packages and the tests load BPF programs: run as root");
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output("dpkg-query", &["-W", "-f=${Status}", p]).contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        step("system packages: present");
+    } else {
+        step(&format!(
+            "installing system packages: {}",
+            missing.join(" ")
+        ));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // Packages may start services on install; the tests start their own instances.
+    let _ = Command::new("sh")
+        .args(["-c", "pkill -x nginx; true"])
+        .status();
+
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    );
+    if installed.contains("rust-src") {
+        step("nightly rust-src: present");
+    } else {
+        step("installing rust-src for the nightly toolchain (builds the eBPF program)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if ok("bpf-linker", &["--version"]) {
+        step("bpf-linker: present");
+    } else {
+        step("building bpf-linker against Debian's LLVM 22 (about 2 minutes)");
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+
+    if output("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]).trim() == "bpf_fs" {
+        step("bpffs: mounted");
+    } else {
+        step("mounting bpffs at /sys/fs/bpf");
+        std::fs::create_dir_all("/sys/fs/bpf").ok();
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    step("cargo fmt --check");
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy -D warnings");
+    run(Command::new("cargo").args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("building the ambassador binary the integration tests drive");
+    run(Command::new("cargo").args(["build", "--release", "-p", "ambassador"]))?;
+    step("cargo test (unit, packet fixtures, network namespaces)");
+    run(Command::new("cargo")
+        .args(["test", "--release", "--workspace"])
+        .args(extra)
+        // Tests that create namespaces and time traffic are bounded; two cores: two at a time.
+        .env("RUST_TEST_THREADS", "2"))?;
+    Ok(())
+}
+
+fn run_harness_bin(name: &str, args: &[&str]) -> Result<()> {
+    step(&format!("building and running {name}"));
+    run(Command::new("cargo").args(["build", "--release", "-p", "ambassador"]))?;
+    run(Command::new("cargo")
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "ambassador-tests",
+            "--bin",
+            name,
+            "--",
+        ])
+        .args(args))
+}

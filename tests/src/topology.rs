@@ -1,0 +1,460 @@
+//! The request-splitting topology of the book, in network namespaces:
+//!
+//! ```text
+//!  client ns (c0: 10.200.1.2 + N client addresses)        web ns (w0: 10.200.2.2, nginx)
+//!        │                                              ┌──── lbw 10.200.2.1
+//!        └──── lbc 10.200.1.1 ── lb ns: ambassador, XDP ┤
+//!                                 on lbc, lbw, lbe      └──── lbe 10.200.3.1
+//!                                                             exp ns (e0: 10.200.3.2, nginx)
+//! ```
+//! IPv6 mirrors it on fd00:1::/64, fd00:2::/64, fd00:3::/64. The service address
+//! (10.200.0.100, fd00::100) is owned by nobody: the XDP program answers for it.
+//! The far ends of the veths stand in for hosts behind a NIC: GRO on (so XDP_REDIRECTed
+//! frames are taken) and TX checksum offload off (so packets carry full checksums).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    ambassador_bin,
+    netns::{sh, veth, Netns},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub const VIP4: &str = "10.200.0.100";
+pub const VIP6: &str = "fd00::100";
+
+pub struct Topology {
+    pub client: Netns,
+    pub lb: Netns,
+    pub web: Netns,
+    pub exp: Netns,
+    pub clients4: Vec<IpAddr>,
+    pub clients6: Vec<IpAddr>,
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    nginx: Vec<Child>,
+    daemon: Option<Child>,
+}
+
+/// The book's split, in our config format.
+pub fn split_config(web: u32, experiment: u32) -> String {
+    format!(
+        "interfaces: [lbc, lbw, lbe]
+services:
+  - name: frontend
+    listen: {VIP4}:80/tcp
+    split:
+      key: src-ip
+      backends:
+        - {{ name: web,        address: 10.200.2.2:80, weight: {web} }}
+        - {{ name: experiment, address: 10.200.3.2:80, weight: {experiment} }}
+  - name: frontend6
+    listen: '[{VIP6}]:80/tcp'
+    split:
+      key: src-ip
+      backends:
+        - {{ name: web,        address: '[fd00:2::2]:80', weight: {web} }}
+        - {{ name: experiment, address: '[fd00:3::2]:80', weight: {experiment} }}
+"
+    )
+}
+
+impl Topology {
+    /// Build the namespaces and links; `n` client addresses per family.
+    pub fn new(n: usize) -> Topology {
+        crate::require_root();
+        let (client, lb, web, exp) = (
+            Netns::new("client"),
+            Netns::new("lb"),
+            Netns::new("web"),
+            Netns::new("exp"),
+        );
+        veth(&client, "c0", &lb, "lbc");
+        veth(&web, "w0", &lb, "lbw");
+        veth(&exp, "e0", &lb, "lbe");
+        lb.ip("addr add 10.200.1.1/24 dev lbc");
+        lb.ip("addr add fd00:1::1/64 dev lbc nodad");
+        lb.ip("addr add 10.200.2.1/24 dev lbw");
+        lb.ip("addr add fd00:2::1/64 dev lbw nodad");
+        lb.ip("addr add 10.200.3.1/24 dev lbe");
+        lb.ip("addr add fd00:3::1/64 dev lbe nodad");
+        lb.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+        client.ip("addr add 10.200.1.2/24 dev c0");
+        client.ip("addr add fd00:1::2/64 dev c0 nodad");
+        let mut clients4 = Vec::new();
+        let mut clients6 = Vec::new();
+        // Batch the address adds: one `ip -batch` instead of 2n processes.
+        let mut batch = String::new();
+        for i in 0..n {
+            let a4: IpAddr = format!("10.200.1.{}", 10 + i % 240).parse().unwrap();
+            let a4 = if i < 240 {
+                a4
+            } else {
+                format!("10.200.{}.{}", 4 + i / 240, 10 + i % 240)
+                    .parse()
+                    .unwrap()
+            };
+            let a6: IpAddr = format!("fd00:1::{:x}", 0x1000 + i).parse().unwrap();
+            batch.push_str(&format!(
+                "addr add {a4}/32 dev c0\naddr add {a6}/128 dev c0 nodad\n"
+            ));
+            clients4.push(a4);
+            clients6.push(a6);
+        }
+        let batch_file = std::env::temp_dir().join(format!("amb-batch-{}", std::process::id()));
+        std::fs::write(&batch_file, batch).unwrap();
+        client.ip(&format!("-batch {}", batch_file.display()));
+        let _ = std::fs::remove_file(&batch_file);
+        client.ip("route add default via 10.200.1.1 dev c0");
+        client.ip("-6 route add default via fd00:1::1 dev c0");
+        // Client addresses outside 10.200.1.0/24 are routed back through the client link.
+        lb.ip("route add 10.200.0.0/16 via 10.200.1.2 dev lbc");
+        web.ip("addr add 10.200.2.2/24 dev w0");
+        web.ip("addr add fd00:2::2/64 dev w0 nodad");
+        web.ip("route add default via 10.200.2.1");
+        web.ip("-6 route add default via fd00:2::1");
+        exp.ip("addr add 10.200.3.2/24 dev e0");
+        exp.ip("addr add fd00:3::2/64 dev e0 nodad");
+        exp.ip("route add default via 10.200.3.1");
+        exp.ip("-6 route add default via fd00:3::1");
+        // The far ends stand in for hosts on a wire: GRO gives them the NAPI that takes
+        // XDP_REDIRECTed frames, and full checksums on send (no CHECKSUM_PARTIAL, which a NIC
+        // would finish but an XDP redirect between veths does not).
+        for (ns, dev) in [(&client, "c0"), (&web, "w0"), (&exp, "e0")] {
+            ns.sh(&format!("ethtool -K {dev} gro on tx off >/dev/null"));
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("amb-topo-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/amb-test-{}-{n}", std::process::id()));
+        Topology {
+            client,
+            lb,
+            web,
+            exp,
+            clients4,
+            clients6,
+            dir,
+            pin_dir,
+            nginx: Vec::new(),
+            daemon: None,
+        }
+    }
+
+    /// Start nginx in both backend namespaces; each answers `NAME CLIENT-ADDRESS`.
+    pub fn start_nginx(&mut self, workers: u32) {
+        for (ns, name) in [(&self.web, "web"), (&self.exp, "experiment")] {
+            let d = self.dir.join(format!("nginx-{name}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let conf = d.join("nginx.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "daemon off;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  keepalive_requests 10000000; keepalive_timeout 300s;
+  server {{
+    listen 80 backlog=4096;
+    listen [::]:80 backlog=4096;
+    location / {{ default_type text/plain; return 200 \"{name} $remote_addr\\n\"; }}
+  }}
+}}
+",
+                    d = d.display()
+                ),
+            )
+            .unwrap();
+            let child = ns.spawn(
+                &format!(
+                    "/usr/sbin/nginx -c {} -p {} -e {}/error.log",
+                    conf.display(),
+                    d.display(),
+                    d.display()
+                ),
+                &d.join("stdout.log"),
+            );
+            self.nginx.push(child);
+        }
+        // Ready when both answer directly.
+        for (ip, who) in [("10.200.2.2", "web"), ("10.200.3.2", "experiment")] {
+            let addr: SocketAddr = format!("{ip}:80").parse().unwrap();
+            let src: IpAddr = if who == "web" {
+                "10.200.2.1"
+            } else {
+                "10.200.3.1"
+            }
+            .parse()
+            .unwrap();
+            wait_for(
+                Duration::from_secs(10),
+                &format!("nginx {who} to answer"),
+                || {
+                    let _in = self.lb.enter();
+                    http_get(src, addr)
+                        .ok()
+                        .filter(|b| b.starts_with(who))
+                        .is_some()
+                },
+            );
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("ambassador.yaml")
+    }
+
+    /// Write the config atomically (as an editor or a ConfigMap would).
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.dir.join(".ambassador.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    pub fn daemon_log_path(&self) -> PathBuf {
+        self.dir.join("ambassador.log")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.daemon_log_path()).unwrap_or_default()
+    }
+
+    /// Start `ambassador run` in the lb namespace and wait until it serves.
+    pub fn start_daemon(&mut self) {
+        let cmd = format!(
+            "{} run --config {} --state-dir {} --pin-dir {}",
+            ambassador_bin().display(),
+            self.config_path().display(),
+            self.state_dir().display(),
+            self.pin_dir.display()
+        );
+        let child = self.lb.spawn(&cmd, &self.daemon_log_path());
+        self.daemon = Some(child);
+        let state = self.state_dir().join("state.json");
+        wait_for(
+            Duration::from_secs(20),
+            "ambassador to start serving",
+            || {
+                if let Some(Ok(Some(st))) = self.daemon.as_mut().map(|c| c.try_wait()) {
+                    panic!("ambassador exited ({st}):\n{}", self.daemon_log());
+                }
+                state.exists()
+            },
+        );
+    }
+
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().expect("daemon running").id()
+    }
+
+    /// Send a signal to the daemon.
+    pub fn signal(&self, sig: &str) {
+        sh(&format!("kill -{sig} {}", self.daemon_pid()));
+    }
+
+    /// `ambassador status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(ambassador_bin())
+            .args(["status", "--json", "--state-dir"])
+            .arg(self.state_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// One HTTP request from each client address (in parallel batches); returns
+    /// (client, Ok(body) | Err(reason)).
+    pub fn request_all(
+        &self,
+        clients: &[IpAddr],
+        vip: SocketAddr,
+    ) -> Vec<(IpAddr, Result<String, String>)> {
+        let chunks: Vec<Vec<IpAddr>> = clients
+            .chunks(clients.len().div_ceil(8).max(1))
+            .map(|c| c.to_vec())
+            .collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    s.spawn(move || {
+                        let _in = self.client.enter();
+                        chunk
+                            .into_iter()
+                            .map(|c| (c, http_get(c, vip).map_err(|e| e.to_string())))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = sh(&format!("kill -TERM {} 2>/dev/null; true", d.id()));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = d.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        for mut n in self.nginx.drain(..) {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+fn connect(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd as _;
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    // Pick the source port at connect(), knowing the destination (IP_BIND_ADDRESS_NO_PORT);
+    // binding port 0 first can pick a port whose 4-tuple is still in use.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One HTTP/1.1 request from `src` on a fresh connection; returns the body.
+pub fn http_get(src: IpAddr, dst: SocketAddr) -> std::io::Result<String> {
+    let mut s = connect(src, dst)?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: ambassador\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    body(&resp)
+}
+
+fn body(resp: &str) -> std::io::Result<String> {
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {resp:?}")))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("bad status: {head}")));
+    }
+    Ok(body.trim().to_string())
+}
+
+/// A keep-alive HTTP connection: many requests, one TCP flow.
+pub struct KeepAlive {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn open(src: IpAddr, dst: SocketAddr) -> std::io::Result<KeepAlive> {
+        Ok(KeepAlive {
+            stream: connect(src, dst)?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// One request on the open connection; returns the body.
+    pub fn get(&mut self) -> std::io::Result<String> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: ambassador\r\n\r\n")?;
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    let resp: Vec<u8> = self.buf.drain(..end + 4 + len).collect();
+                    return body(&String::from_utf8_lossy(&resp));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::other("connection closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// Share of `name` among successful bodies.
+pub fn share(results: &[(IpAddr, Result<String, String>)], name: &str) -> f64 {
+    let ok: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    ok.iter()
+        .filter(|b| b.split(' ').next() == Some(name))
+        .count() as f64
+        / ok.len().max(1) as f64
+}
+
+pub fn path_display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,195 @@
+//! Real traffic through the real daemon: the book's topology in network namespaces, nginx
+//! backends, XDP on the ambassador's veths.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::topology::{share, split_config, KeepAlive, Topology, VIP4, VIP6};
+
+fn vip4() -> SocketAddr {
+    format!("{VIP4}:80").parse().unwrap()
+}
+
+fn vip6() -> SocketAddr {
+    format!("[{VIP6}]:80").parse().unwrap()
+}
+
+fn started(n: usize, web: u32, experiment: u32) -> Topology {
+    let mut t = Topology::new(n);
+    t.start_nginx(1);
+    t.write_config(&split_config(web, experiment));
+    t.start_daemon();
+    t
+}
+
+/// Every request succeeded, each client saw one backend on every try, and the backend saw the
+/// real client address (no SNAT on the way in).
+fn assert_sticky(rounds: &[Vec<(IpAddr, Result<String, String>)>]) -> HashMap<IpAddr, String> {
+    let mut seen: HashMap<IpAddr, String> = HashMap::new();
+    for round in rounds {
+        for (client, r) in round {
+            let body = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("request from {client} failed: {e}"));
+            let (backend, peer) = body.split_once(' ').expect("NAME ADDRESS");
+            assert_eq!(
+                peer.parse::<IpAddr>().unwrap(),
+                *client,
+                "backend saw another address"
+            );
+            let prev = seen.entry(*client).or_insert_with(|| backend.to_string());
+            assert_eq!(prev, backend, "client {client} flipped between backends");
+        }
+    }
+    seen
+}
+
+#[test]
+fn http_from_200_clients_splits_90_10_and_every_client_sticks() {
+    let t = started(200, 9, 1);
+    let first = t.request_all(&t.clients4, vip4());
+    let second = t.request_all(&t.clients4, vip4());
+    assert_sticky(&[first.clone(), second]);
+    let web = share(&first, "web");
+    assert!(
+        (0.85..=0.95).contains(&web),
+        "web got {:.1}% of clients",
+        web * 100.0
+    );
+
+    // The kernel counted them: 400 new flows over the two backends, split like the responses.
+    let st = t.status();
+    let svc = &st["services"][0];
+    assert_eq!(svc["name"], "frontend");
+    let flows: Vec<u64> = svc["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["new_flows"].as_u64().unwrap())
+        .collect();
+    assert_eq!(flows.iter().sum::<u64>(), 400, "status: {st:#}");
+    assert_eq!(flows[0], (web * 200.0).round() as u64 * 2, "status: {st:#}");
+}
+
+#[test]
+fn ipv6_service_splits_and_sticks_the_same_way() {
+    let t = started(200, 9, 1);
+    let first = t.request_all(&t.clients6, vip6());
+    let second = t.request_all(&t.clients6, vip6());
+    assert_sticky(&[first.clone(), second]);
+    let web = share(&first, "web");
+    assert!(
+        (0.85..=0.95).contains(&web),
+        "web got {:.1}% of IPv6 clients",
+        web * 100.0
+    );
+}
+
+#[test]
+fn live_weight_change_keeps_streaming_connections_and_moves_new_clients() {
+    let t = started(200, 9, 1);
+    // 20 long-lived keep-alive connections, streaming requests the whole time.
+    let long: Vec<IpAddr> = t.clients4[..20].to_vec();
+    let stop = AtomicBool::new(false);
+    let (requests, backends) = std::thread::scope(|s| {
+        let streamer = s.spawn(|| {
+            let _in = t.client.enter();
+            let mut conns: Vec<(IpAddr, KeepAlive, String)> = long
+                .iter()
+                .map(|&c| {
+                    let mut k = KeepAlive::open(c, vip4()).expect("open keep-alive");
+                    let b = k.get().expect("first request");
+                    (c, k, b)
+                })
+                .collect();
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for (c, k, first) in conns.iter_mut() {
+                    let b = k
+                        .get()
+                        .unwrap_or_else(|e| panic!("streaming connection from {c} broke: {e}"));
+                    assert_eq!(&b, first, "connection from {c} changed backend");
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (
+                n,
+                conns
+                    .into_iter()
+                    .map(|(c, _, b)| (c, b))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // Flip the split to 1:9 by editing the file (the daemon watches it).
+        t.write_config(&split_config(1, 9));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.status()["generation"] != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "reload not applied:\n{}",
+                t.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        // New connections, from every client, follow the new weights.
+        let after = t.request_all(&t.clients4, vip4());
+        stop.store(true, Ordering::Relaxed);
+        let (n, backends) = streamer.join().unwrap();
+        let exp = share(&after, "experiment");
+        assert!(after.iter().all(|(_, r)| r.is_ok()), "a new request failed");
+        assert!(
+            (0.85..=0.95).contains(&exp),
+            "experiment got {:.1}% after the flip",
+            exp * 100.0
+        );
+        (n, backends)
+    });
+    assert!(requests > 200, "only {requests} requests streamed");
+    // Some streams were on `web` before: they stayed there although web now has weight 1.
+    assert!(backends.iter().any(|(_, b)| b.starts_with("web")));
+}
+
+#[test]
+fn broken_config_sent_by_sighup_is_rejected_and_traffic_keeps_flowing() {
+    let t = started(100, 9, 1);
+    let before = t.request_all(&t.clients4, vip4());
+    // Written in place (not watched-path atomic), then SIGHUP: the daemon must reject it.
+    std::fs::write(
+        t.config_path(),
+        split_config(9, 1).replace("weight: 1 }", "wieght: 1 }"),
+    )
+    .unwrap();
+    t.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.status()["last_error"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "no rejection seen:\n{}",
+            t.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = t.status();
+    let err = st["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("ambassador.yaml:9"),
+        "error lacks file:line: {err}"
+    );
+    assert!(err.contains("wieght"), "error lacks the key: {err}");
+    assert_eq!(st["generation"], 1, "a broken config must not be applied");
+    assert!(
+        t.daemon_log().contains("config rejected"),
+        "not logged:\n{}",
+        t.daemon_log()
+    );
+    let after = t.request_all(&t.clients4, vip4());
+    assert_sticky(&[before, after]);
+}
