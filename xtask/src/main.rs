@@ -2,8 +2,9 @@
 //! `setup`, which `test`, `demo` and `bench` run first.
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -194,12 +195,43 @@ fn test(extra: &[String]) -> Result<()> {
     step("building the ambassador binary the integration tests drive");
     run(Command::new("cargo").args(["build", "--release", "-p", "ambassador"]))?;
     step("cargo test (unit, packet fixtures, network namespaces)");
-    run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .args(["test", "--release", "--workspace"])
         .args(extra)
         // Tests that create namespaces and time traffic are bounded; two cores: two at a time.
-        .env("RUST_TEST_THREADS", "2"))?;
+        .env("RUST_TEST_THREADS", "2")
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    // Pass the output through and total the per-binary results, so the run closes with one
+    // line that counts every test (cargo's own last lines are often doc-test runs with none).
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count(rest, " passed");
+            failed += count(rest, " failed");
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
     Ok(())
+}
+
+/// The number before `what` in a cargo "test result" line.
+fn count(line: &str, what: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| {
+            part.trim()
+                .strip_suffix(what.trim())
+                .and_then(|n| n.split_whitespace().last()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn run_harness_bin(name: &str, args: &[&str]) -> Result<()> {

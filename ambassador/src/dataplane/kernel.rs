@@ -389,7 +389,7 @@ impl KernelDataplane {
             self.ebpf
                 .map(name)
                 .with_context(|| map_err(name))
-                .and_then(|m| clone_map(m))
+                .and_then(clone_map)
         })
     }
 

@@ -9,7 +9,9 @@ use ambassador_tests::{
 };
 
 fn main() {
-    println!("==> building the topology: client namespace with 200 addresses, ambassador namespace");
+    println!(
+        "==> building the topology: client namespace with 200 addresses, ambassador namespace"
+    );
     println!("    (XDP on its three veths), web and experiment namespaces running nginx");
     let mut t = Topology::new(200);
     t.start_nginx(1);
@@ -22,7 +24,10 @@ fn main() {
     t.start_daemon();
     println!("\n==> every client requests http://{VIP4}/ twice");
     let vip = format!("{VIP4}:80").parse().unwrap();
-    let rounds = [t.request_all(&t.clients4, vip), t.request_all(&t.clients4, vip)];
+    let rounds = [
+        t.request_all(&t.clients4, vip),
+        t.request_all(&t.clients4, vip),
+    ];
     let mut first: HashMap<IpAddr, String> = HashMap::new();
     let (mut sticky, mut failed, mut real_addr) = (0, 0, 0);
     for (i, round) in rounds.iter().enumerate() {
@@ -46,13 +51,19 @@ fn main() {
     println!("\n    {:<12} {:>8} {:>8}", "backend", "clients", "share");
     for name in ["web", "experiment"] {
         let k = first.values().filter(|b| *b == name).count();
-        println!("    {name:<12} {k:>8} {:>7.1}%", 100.0 * k as f64 / n as f64);
+        println!(
+            "    {name:<12} {k:>8} {:>7.1}%",
+            100.0 * k as f64 / n as f64
+        );
     }
     println!(
         "\n    sticky: {sticky}/{n} clients got the same backend on their second request ({:.1}%)",
         100.0 * sticky as f64 / n as f64
     );
-    println!("    backends saw the real client address on {real_addr}/{} requests", 2 * n);
+    println!(
+        "    backends saw the real client address on {real_addr}/{} requests",
+        2 * n
+    );
     println!("    failed requests: {failed}");
     println!("\n==> ambassador status\n");
     let out = Command::new(ambassador_bin())
