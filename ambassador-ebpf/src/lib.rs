@@ -17,10 +17,9 @@
 //! | `SERVICES` | hash | [`ServiceKey`] → [`Service`] | [`MAX_SERVICES`] | daemon | XDP |
 //! | `BACKENDS` | array | backend id → [`Backend`] | [`MAX_BACKENDS`] | daemon | XDP |
 //! | `RINGS` | array | `ring * TABLE_SIZE + slot` → backend id | `2 * MAX_SERVICES * TABLE_SIZE` | daemon | XDP |
-//! | `FLOWS` | LRU hash | [`FlowKey`] → [`Flow`] | [`FLOW_TABLE_SIZE`] | XDP (daemon may read/flush) | XDP |
+//! | `FLOWS` | LRU hash, per-CPU LRU lists | [`FlowKey`] → [`Flow`] (with its cached FIB result) | [`FLOW_TABLE_SIZE`] | XDP (daemon may read/flush) | XDP |
 //! | `ADDR_FILTER` | array | [`filter_index`] of an address → [`FILTER_SERVICE`]/[`FILTER_BACKEND`] bits | [`FILTER_SIZE`] | daemon | XDP |
-//! | `SERVICE_STATS` | per-CPU array | service id → [`Counters`] | [`MAX_SERVICES`] | XDP | daemon |
-//! | `BACKEND_STATS` | per-CPU array | backend id → [`Counters`] | [`MAX_BACKENDS`] | XDP | daemon |
+//! | `BACKEND_STATS` | per-CPU array | backend id → [`Counters`] (service totals are their sums) | [`MAX_BACKENDS`] | XDP | daemon |
 //! | `GLOBAL_STATS` | per-CPU array | [`Stat`] → `u64` | [`STAT_COUNT`] | XDP | daemon |
 //!
 //! Each service owns two rings (`2 * id` and `2 * id + 1`). A reload writes the whole new table
@@ -103,7 +102,7 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// Index into `SERVICE_STATS`, and the owner of rings `2 * id` and `2 * id + 1`.
+    /// Owner of rings `2 * id` and `2 * id + 1`.
     pub id: u32,
     /// The live ring: `2 * id` or `2 * id + 1`.
     pub ring: u32,
@@ -154,11 +153,30 @@ pub struct Flow {
     pub direction: u32,
     /// Backend id, for its counters.
     pub backend: u32,
-    /// Service id, for its counters.
+    /// Service id.
     pub service: u32,
+    /// Cached FIB result for this direction: egress ifindex, 0 when none is cached.
+    pub fib_ifindex: u32,
+    /// When the FIB result was cached, in [`fib_clock`] units.
+    pub fib_stamp: u32,
+    /// The largest IP length the cached route was checked for (MTU); longer packets look up again.
+    pub fib_len: u16,
+    pub fib_dmac: [u8; 6],
+    pub fib_smac: [u8; 6],
+    pub _pad2: u16,
 }
 
-/// Per-service and per-backend counters (per CPU; userspace sums them).
+/// How long a FIB result cached in a flow is used before it is looked up again, in
+/// [`fib_clock`] units (about one second): bounds how long a flow follows a stale neighbour.
+pub const FIB_CACHE_TICKS: u32 = 1000;
+
+/// The clock of [`Flow::fib_stamp`]: nanoseconds to ~1.05 ms ticks.
+#[inline(always)]
+pub const fn fib_clock(ns: u64) -> u32 {
+    (ns >> 20) as u32
+}
+
+/// Per-backend counters (per CPU; userspace sums them, and sums backends into services).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counters {
@@ -214,7 +232,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Service>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<Flow>() == 32);
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
 /// Wire words of an IPv4 address given as octets.

@@ -4,14 +4,16 @@
 //! this program does not fully understand, is `XDP_PASS` with the packet untouched.
 
 use ambassador_ebpf::{
-    csum, filter_index, flow_slot, Backend, Counters, Flow, FlowKey, Service, ServiceKey, Stat,
-    FAMILY_V4, FAMILY_V6, FILTER_BACKEND, FILTER_SERVICE, FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
+    csum, fib_clock, filter_index, flow_slot, Backend, Counters, Flow, FlowKey, Service,
+    ServiceKey, Stat, FAMILY_V4, FAMILY_V6, FIB_CACHE_TICKS, FILTER_BACKEND, FILTER_SERVICE,
+    FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
 };
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_NO_COMMON_LRU,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -24,12 +26,11 @@ static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SE
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
+/// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU), as Katran does: inserts do not contend on one list.
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
 #[map]
 static ADDR_FILTER: Array<u32> = Array::with_max_entries(FILTER_SIZE, 0);
-#[map]
-static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
 static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
@@ -50,8 +51,8 @@ const IP_FRAG_MASK: u16 = 0x3FFFu16.to_be();
 pub fn ambassador_xdp(ctx: XdpContext) -> u32 {
     let forward_it = match parse(&ctx) {
         Ok(Some(pkt)) => match classify(&ctx, &pkt) {
-            Ok(true) => forward(&ctx, &pkt),
-            Ok(false) => Ok(xdp_action::XDP_PASS),
+            Ok(Verdict::Forward(flow)) => Ok(forward(&ctx, &pkt, flow)),
+            Ok(Verdict::Pass) => Ok(xdp_action::XDP_PASS),
             Err(()) => Err(()),
         },
         Ok(None) => Ok(xdp_action::XDP_PASS),
@@ -98,24 +99,46 @@ fn count(stat: Stat) {
 }
 
 #[inline(always)]
-fn count_flow(service: u32, backend: u32, bytes: u64, new_flow: bool) {
-    let n = new_flow as u64;
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-            (*c).new_flows += n;
-        }
-    }
+fn count_backend(backend: u32, bytes: u64, new_flow: bool) {
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
-            (*c).new_flows += n;
+            (*c).new_flows += new_flow as u64;
         }
     }
+}
+
+/// What a subprogram decided, as a plain integer: subprograms must return in a register (a
+/// value returned through memory leaves a stack pointer in R0, which the verifier refuses).
+const SUB_PASS: u32 = 0;
+const SUB_FORWARD: u32 = 1;
+const SUB_MALFORMED: u32 = 2;
+
+#[inline(always)]
+fn from_sub(code: u32) -> Result<Verdict, ()> {
+    match code {
+        SUB_PASS => Ok(Verdict::Pass),
+        SUB_FORWARD => Ok(Verdict::Forward(core::ptr::null_mut())),
+        _ => Err(()),
+    }
+}
+
+#[inline(always)]
+fn to_sub(r: Result<bool, ()>) -> u32 {
+    match r {
+        Ok(true) => SUB_FORWARD,
+        Ok(false) => SUB_PASS,
+        Err(()) => SUB_MALFORMED,
+    }
+}
+
+/// What to do with a packet: pass it untouched, or forward it (rewritten), using and
+/// refreshing the FIB result cached in its flow entry when there is one (else null).
+enum Verdict {
+    Pass,
+    Forward(*mut Flow),
 }
 
 /// Where the parsed headers are, and the 5-tuple.
@@ -128,20 +151,19 @@ struct Packet {
     src: [u32; 4],
     dst: [u32; 4],
     /// IP datagram length (what byte counters count).
-    len: usize,
+    len: u32,
 }
 
-/// Decide what to do with a parsed packet; `Ok(true)` means it was rewritten and must be
-/// forwarded, `Ok(false)` that it passes untouched.
+/// Decide what to do with a parsed packet.
 #[inline(always)]
-fn classify(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+fn classify(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
     match pkt.proto {
         PROTO_TCP | PROTO_UDP => l4_packet(ctx, pkt),
-        IPPROTO_ICMP if pkt.family == FAMILY_V4 => icmp_error(ctx, pkt),
-        IPPROTO_ICMPV6 if pkt.family == FAMILY_V6 => icmp_error(ctx, pkt),
+        IPPROTO_ICMP if pkt.family == FAMILY_V4 => from_sub(icmp_error(ctx, pkt)),
+        IPPROTO_ICMPV6 if pkt.family == FAMILY_V6 => from_sub(icmp_error(ctx, pkt)),
         _ => {
             count(Stat::PassNotOurs);
-            Ok(false)
+            Ok(Verdict::Pass)
         }
     }
 }
@@ -182,7 +204,7 @@ fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
             proto: h[9],
             src: [u32::from_ne_bytes([h[12], h[13], h[14], h[15]]), 0, 0, 0],
             dst: [u32::from_ne_bytes([h[16], h[17], h[18], h[19]]), 0, 0, 0],
-            len: tot_len,
+            len: tot_len as u32,
         }))
     } else if ethertype == ETH_P_IPV6 {
         let h: [u32; 10] = load(ctx, l3)?;
@@ -209,7 +231,7 @@ fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
             proto: next,
             src: [h[2], h[3], h[4], h[5]],
             dst: [h[6], h[7], h[8], h[9]],
-            len: plen + 40,
+            len: (plen + 40) as u32,
         }))
     } else {
         count(Stat::PassNotOurs);
@@ -227,7 +249,7 @@ fn l4_check_off(proto: u8) -> usize {
 }
 
 #[inline(always)]
-fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
     // Ports, and the checksum field we may rewrite, must be inside the packet.
     let min = if pkt.proto == PROTO_TCP { 20 } else { 8 };
     if ctx.data() + pkt.l4 + min > ctx.data_end() {
@@ -247,6 +269,17 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
     };
 
     if filter_has(&pkt.dst, FILTER_SERVICE) {
+        // Established flows first: one lookup, and they keep their backend whatever the
+        // service's table now says.
+        if let Some(f) = FLOWS.get_ptr_mut(&key) {
+            // SAFETY: a live map value for the duration of the program.
+            let flow = unsafe { &*f };
+            if flow.direction == FLOW_FORWARD {
+                rewrite_dst(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
+                count_backend(flow.backend, bytes, false);
+                return Ok(Verdict::Forward(f));
+            }
+        }
         let skey = ServiceKey {
             addr: pkt.dst,
             port: dport,
@@ -255,23 +288,23 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
         };
         // SAFETY: values are plain data; a concurrent update replaces the element (RCU).
         if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return to_service(ctx, pkt, &key, svc, bytes);
+            return from_sub(to_service(ctx, pkt, &key, svc));
         }
     }
     if filter_has(&pkt.src, FILTER_BACKEND) {
-        // SAFETY: values are plain data read once.
-        if let Some(flow) = unsafe { FLOWS.get(&key) } {
-            let flow = *flow;
+        if let Some(f) = FLOWS.get_ptr_mut(&key) {
+            // SAFETY: a live map value for the duration of the program.
+            let flow = unsafe { &*f };
             if flow.direction == FLOW_REVERSE {
                 rewrite_src(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
-                count_flow(flow.service, flow.backend, bytes, false);
+                count_backend(flow.backend, bytes, false);
                 count(Stat::ReverseNat);
-                return Ok(true);
+                return Ok(Verdict::Forward(f));
             }
         }
     }
     count(Stat::PassNotOurs);
-    Ok(false)
+    Ok(Verdict::Pass)
 }
 
 #[inline(always)]
@@ -282,59 +315,52 @@ fn filter_has(addr: &[u32; 4], bit: u32) -> bool {
     }
 }
 
+/// A new flow to a service: pick its backend from the service's live table and track it.
 // A real subprogram (not inlined) to keep each frame within the 512-byte BPF stack.
 #[inline(never)]
-fn to_service(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    key: &FlowKey,
-    svc: &Service,
-    bytes: u64,
-) -> Result<bool, ()> {
+fn to_service(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service) -> u32 {
+    to_sub(new_flow(ctx, pkt, key, svc))
+}
+
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service) -> Result<bool, ()> {
     if svc.flags & SERVICE_PASS_TO_STACK != 0 {
         count(Stat::PassToStack);
         return Ok(false);
     }
-    // SAFETY: values are plain data read once.
-    let (nat_addr, nat_port, backend, new_flow) = match unsafe { FLOWS.get(key) } {
-        Some(f) if f.direction == FLOW_FORWARD => (f.nat_addr, f.nat_port, f.backend, false),
+    let slot = flow_slot(
+        svc.key_mode,
+        svc.seed,
+        &key.src,
+        &key.dst,
+        key.sport,
+        key.dport,
+        key.proto,
+        key.family,
+    );
+    let id = match RINGS.get(svc.ring * TABLE_SIZE + slot) {
+        Some(id) if *id != NO_BACKEND => *id,
         _ => {
-            let slot = flow_slot(
-                svc.key_mode,
-                svc.seed,
-                &key.src,
-                &key.dst,
-                key.sport,
-                key.dport,
-                key.proto,
-                key.family,
-            );
-            let id = match RINGS.get(svc.ring * TABLE_SIZE + slot) {
-                Some(id) if *id != NO_BACKEND => *id,
-                _ => {
-                    count(Stat::NoBackend);
-                    return Ok(false);
-                }
-            };
-            let b = match BACKENDS.get(id) {
-                Some(b) if b.valid != 0 && b.family == key.family => *b,
-                _ => {
-                    count(Stat::NoBackend);
-                    return Ok(false);
-                }
-            };
-            track(key, svc, id, &b);
-            (b.addr, b.port, id, true)
+            count(Stat::NoBackend);
+            return Ok(false);
         }
     };
-    rewrite_dst(ctx, pkt, &nat_addr, nat_port)?;
-    count_flow(svc.id, backend, bytes, new_flow);
+    let b = match BACKENDS.get(id) {
+        Some(b) if b.valid != 0 && b.family == key.family => *b,
+        _ => {
+            count(Stat::NoBackend);
+            return Ok(false);
+        }
+    };
+    track(key, svc, id, &b);
+    rewrite_dst(ctx, pkt, &b.addr, b.port)?;
+    count_backend(id, pkt.len as u64, true);
     Ok(true)
 }
 
 /// Record both directions of a new flow: the forward entry keeps the client on its backend, the
 /// reverse entry lets replies be rewritten back to the service address.
-#[inline(never)]
+#[inline(always)]
 fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend) {
     let rkey = FlowKey {
         src: b.addr,
@@ -352,6 +378,12 @@ fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend) {
         direction: FLOW_REVERSE,
         backend: id,
         service: svc.id,
+        fib_ifindex: 0,
+        fib_stamp: 0,
+        fib_len: 0,
+        fib_dmac: [0; 6],
+        fib_smac: [0; 6],
+        _pad2: 0,
     };
     let mut failed = FLOWS.insert(&rkey, &flow, 0).is_err();
     flow.nat_addr = b.addr;
@@ -428,50 +460,84 @@ fn rewrite(
 
 /// Send a rewritten packet on its way: the FIB picks the egress and next hop; whatever the FIB
 /// cannot resolve here (no neighbour entry yet, MTU exceeded, TTL expiring, VLAN) goes to the
-/// stack, which routes it and answers with the proper ICMP.
+/// stack, which routes it and answers with the proper ICMP. A flow entry (`cache`, or null)
+/// keeps the FIB result for [`FIB_CACHE_TICKS`], for packets no longer than one it was checked
+/// for, so established flows skip the lookup.
 #[inline(never)]
-fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
+fn forward(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> u32 {
+    match route(ctx, pkt, cache) {
+        Ok(action) => action,
+        Err(()) => {
+            count(Stat::PassUnparsed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
     if pkt.vlan {
         count(Stat::NatThenStack);
         return Ok(xdp_action::XDP_PASS);
     }
-    // SAFETY: FibParams is plain data; all-zero is a valid initial value.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.l4_protocol = pkt.proto;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    let ttl_off;
-    if pkt.family == FAMILY_V4 {
-        ttl_off = pkt.l3 + 8;
-        fib.family = AF_INET;
-        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, pkt.l3 + 2)?);
-        fib.__bindgen_anon_2.tos = load::<u8>(ctx, pkt.l3 + 1)?;
-        fib.__bindgen_anon_3.ipv4_src = load::<u32>(ctx, pkt.l3 + 12)?;
-        fib.__bindgen_anon_4.ipv4_dst = load::<u32>(ctx, pkt.l3 + 16)?;
+    let (ttl_off, ip_len) = if pkt.family == FAMILY_V4 {
+        (pkt.l3 + 8, u16::from_be(load::<u16>(ctx, pkt.l3 + 2)?))
     } else {
-        ttl_off = pkt.l3 + 7;
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_1.tot_len = u16::from_be(load::<u16>(ctx, pkt.l3 + 4)?).wrapping_add(40);
-        fib.__bindgen_anon_3.ipv6_src = load::<[u32; 4]>(ctx, pkt.l3 + 8)?;
-        fib.__bindgen_anon_4.ipv6_dst = load::<[u32; 4]>(ctx, pkt.l3 + 24)?;
-    }
+        (
+            pkt.l3 + 7,
+            u16::from_be(load::<u16>(ctx, pkt.l3 + 4)?).wrapping_add(40),
+        )
+    };
     let ttl: u8 = load(ctx, ttl_off)?;
     if ttl <= 1 {
         count(Stat::NatThenStack);
         return Ok(xdp_action::XDP_PASS);
     }
-    // SAFETY: fib points to a live, correctly sized bpf_fib_lookup struct on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut fib as *mut FibParams,
-            size_of::<FibParams>() as i32,
-            0,
-        )
+    let mut now = 0;
+    let (ifindex, dmac, smac) = match cached_route(cache, ip_len, &mut now) {
+        Some(r) => r,
+        None => {
+            // SAFETY: FibParams is plain data; all-zero is a valid initial value.
+            let mut fib: FibParams = unsafe { core::mem::zeroed() };
+            fib.l4_protocol = pkt.proto;
+            fib.ifindex = ctx.ingress_ifindex() as u32;
+            fib.__bindgen_anon_1.tot_len = ip_len;
+            if pkt.family == FAMILY_V4 {
+                fib.family = AF_INET;
+                fib.__bindgen_anon_2.tos = load::<u8>(ctx, pkt.l3 + 1)?;
+                fib.__bindgen_anon_3.ipv4_src = load::<u32>(ctx, pkt.l3 + 12)?;
+                fib.__bindgen_anon_4.ipv4_dst = load::<u32>(ctx, pkt.l3 + 16)?;
+            } else {
+                fib.family = AF_INET6;
+                fib.__bindgen_anon_3.ipv6_src = load::<[u32; 4]>(ctx, pkt.l3 + 8)?;
+                fib.__bindgen_anon_4.ipv6_dst = load::<[u32; 4]>(ctx, pkt.l3 + 24)?;
+            }
+            // SAFETY: fib points to a live, correctly sized bpf_fib_lookup struct on our stack.
+            let rc = unsafe {
+                bpf_fib_lookup(
+                    ctx.ctx.cast(),
+                    &mut fib as *mut FibParams,
+                    size_of::<FibParams>() as i32,
+                    0,
+                )
+            };
+            if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+                count(Stat::NatThenStack);
+                return Ok(xdp_action::XDP_PASS);
+            }
+            if !cache.is_null() {
+                // SAFETY: a live map value; concurrent writers store the same route.
+                unsafe {
+                    (*cache).fib_ifindex = fib.ifindex;
+                    (*cache).fib_stamp = now;
+                    (*cache).fib_len = ip_len;
+                    (*cache).fib_dmac = fib.dmac;
+                    (*cache).fib_smac = fib.smac;
+                }
+            }
+            (fib.ifindex, fib.dmac, fib.smac)
+        }
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        count(Stat::NatThenStack);
-        return Ok(xdp_action::XDP_PASS);
-    }
     // We are routing: one hop less.
     store(ctx, ttl_off, ttl - 1)?;
     if pkt.family == FAMILY_V4 {
@@ -485,14 +551,33 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
             csum::finish(csum::replace16(csum::start(check), old, new)),
         )?;
     }
-    store(ctx, 0, fib.dmac)?;
-    store(ctx, 6, fib.smac)?;
+    store(ctx, 0, dmac)?;
+    store(ctx, 6, smac)?;
     count(Stat::Forwarded);
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         Ok(xdp_action::XDP_TX)
     } else {
         // SAFETY: plain helper call; the FIB returned a valid ifindex.
-        Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
+        Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+    }
+}
+
+/// The route cached in `cache` if it is fresh and was checked for packets this long; sets
+/// `now` when it had to read the clock.
+#[inline(always)]
+fn cached_route(cache: *mut Flow, ip_len: u16, now: &mut u32) -> Option<(u32, [u8; 6], [u8; 6])> {
+    if cache.is_null() {
+        return None;
+    }
+    // SAFETY: plain helper call.
+    *now = fib_clock(unsafe { bpf_ktime_get_coarse_ns() });
+    // SAFETY: a live map value for the duration of the program.
+    let f = unsafe { &*cache };
+    if f.fib_ifindex != 0 && now.wrapping_sub(f.fib_stamp) < FIB_CACHE_TICKS && ip_len <= f.fib_len
+    {
+        Some((f.fib_ifindex, f.fib_dmac, f.fib_smac))
+    } else {
+        None
     }
 }
 
@@ -504,7 +589,12 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
 /// - a reverse entry (we sent client → backend): the quote's destination becomes the service
 ///   address again, and the error continues to the client.
 #[inline(never)]
-fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
+fn icmp_error(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    to_sub(translate_icmp_error(ctx, pkt))
+}
+
+#[inline(always)]
+fn translate_icmp_error(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
     let icmp_type: u8 = load(ctx, pkt.l4)?;
     let is_error = if pkt.family == FAMILY_V4 {
         icmp_type == 3 || icmp_type == 11 || icmp_type == 12

@@ -47,16 +47,29 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         .services
         .iter()
         .map(|s| {
-            let sid = state
-                .ids
-                .services
+            let backends: Vec<BackendStatus> = s
+                .split
+                .backends
                 .iter()
-                .find(|(n, _)| *n == s.name)
-                .map(|(_, id)| *id as usize);
-            let sc = sid
-                .and_then(|i| stats.services.get(i))
-                .copied()
-                .unwrap_or_default();
+                .map(|b| {
+                    let bc = state
+                        .ids
+                        .backends
+                        .iter()
+                        .find(|(sn, bn, _)| *sn == s.name && *bn == b.id())
+                        .and_then(|(_, _, id)| stats.backends.get(*id as usize))
+                        .copied()
+                        .unwrap_or_default();
+                    BackendStatus {
+                        name: b.id(),
+                        address: b.address.to_string(),
+                        weight: b.weight,
+                        packets: bc.packets,
+                        bytes: bc.bytes,
+                        new_flows: bc.new_flows,
+                    }
+                })
+                .collect();
             ServiceStatus {
                 name: s.name.clone(),
                 listen: s.listen.to_string(),
@@ -64,32 +77,10 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default(),
-                packets: sc.packets,
-                bytes: sc.bytes,
-                new_flows: sc.new_flows,
-                backends: s
-                    .split
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let bc = state
-                            .ids
-                            .backends
-                            .iter()
-                            .find(|(sn, bn, _)| *sn == s.name && *bn == b.id())
-                            .and_then(|(_, _, id)| stats.backends.get(*id as usize))
-                            .copied()
-                            .unwrap_or_default();
-                        BackendStatus {
-                            name: b.id(),
-                            address: b.address.to_string(),
-                            weight: b.weight,
-                            packets: bc.packets,
-                            bytes: bc.bytes,
-                            new_flows: bc.new_flows,
-                        }
-                    })
-                    .collect(),
+                packets: backends.iter().map(|b| b.packets).sum(),
+                bytes: backends.iter().map(|b| b.bytes).sum(),
+                new_flows: backends.iter().map(|b| b.new_flows).sum(),
+                backends,
             }
         })
         .collect();

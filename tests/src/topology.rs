@@ -109,7 +109,7 @@ impl Topology {
             clients4.push(a4);
             clients6.push(a6);
         }
-        let batch_file = std::env::temp_dir().join(format!("amb-batch-{}", std::process::id()));
+        let batch_file = std::env::temp_dir().join(format!("amb-batch-{}", client.name));
         std::fs::write(&batch_file, batch).unwrap();
         client.ip(&format!("-batch {}", batch_file.display()));
         let _ = std::fs::remove_file(&batch_file);

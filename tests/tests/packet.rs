@@ -15,6 +15,9 @@ use ambassador::{
     },
 };
 use ambassador_tests::{
+    fixture::{
+        forwarding_netns, EXPERIMENT_MAC, GATEWAY_MAC, LB_BACKEND_MAC, LB_CLIENT_MAC, WEB_MAC,
+    },
     netns::Netns,
     packets::{l3_offset, Spec},
     require_root,
@@ -24,12 +27,6 @@ use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
-
-const LB_BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 0xbe, 0];
-const LB_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0xc1, 0];
-const WEB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const EXPERIMENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
-const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
 
 const CONFIG: &str = "
 services:
@@ -77,49 +74,7 @@ impl Fixture {
 
     fn with_config(yaml: &str) -> Fixture {
         require_root();
-        let ns = Netns::new("pkt");
-        // be0: toward the backends; cl0: toward the clients (default route).
-        ns.ip("link add be0 type veth peer name be1");
-        ns.ip("link add cl0 type veth peer name cl1");
-        ns.ip(&format!("link set be0 address {}", mac(LB_BACKEND_MAC)));
-        ns.ip(&format!("link set cl0 address {}", mac(LB_CLIENT_MAC)));
-        for l in ["be0", "be1", "cl0", "cl1"] {
-            ns.ip(&format!("link set {l} up"));
-        }
-        for a in [
-            "10.200.2.1/24",
-            "10.200.3.1/24",
-            "fd00:2::1/64 nodad",
-            "fd00:3::1/64 nodad",
-        ] {
-            ns.ip(&format!("addr add {a} dev be0"));
-        }
-        for a in ["192.0.2.1/24", "fd00:1::1/64 nodad"] {
-            ns.ip(&format!("addr add {a} dev cl0"));
-        }
-        for (ip, m) in [
-            ("10.200.2.2", WEB_MAC),
-            ("10.200.3.2", EXPERIMENT_MAC),
-            ("fd00:2::2", WEB_MAC),
-            ("fd00:3::2", EXPERIMENT_MAC),
-        ] {
-            ns.ip(&format!(
-                "neigh replace {ip} lladdr {} dev be0 nud permanent",
-                mac(m)
-            ));
-        }
-        ns.ip(&format!(
-            "neigh replace 192.0.2.254 lladdr {} dev cl0 nud permanent",
-            mac(GATEWAY_MAC)
-        ));
-        ns.ip(&format!(
-            "neigh replace fd00:1::fe lladdr {} dev cl0 nud permanent",
-            mac(GATEWAY_MAC)
-        ));
-        ns.ip("route add default via 192.0.2.254 dev cl0");
-        ns.ip("-6 route add default via fd00:1::fe dev cl0");
-        ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
-
+        let ns = forwarding_netns();
         let cfg = Config::parse(Path::new("packet-test.yaml"), yaml).expect("test config");
         let plan = Plan::build(&cfg);
         let mut dp = KernelDataplane::load().expect("load XDP program");
@@ -170,13 +125,6 @@ impl Fixture {
             .unwrap();
         (b.id(), b.address)
     }
-}
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn backend_mac(addr: SocketAddr) -> [u8; 6] {
@@ -604,4 +552,61 @@ fn fix_ipv4_checksum(pkt: &mut [u8], l3: usize) {
         s = (s & 0xffff) + (s >> 16);
     }
     pkt[l3 + 10..l3 + 12].copy_from_slice(&(!(s as u16)).to_be_bytes());
+}
+
+#[test]
+fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change() {
+    let mut f = Fixture::new();
+    let input = Spec::tcp("198.51.100.30:40020", "10.200.0.100:80");
+    let (_, backend) = f.pick("web4", "198.51.100.30:40020");
+    // New flow, then the route is looked up and cached, then used from the cache.
+    for _ in 0..3 {
+        let (action, out) = f.run(&input.build());
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, expected_dnat(&input, backend));
+    }
+    // The backend's MAC changes (a replaced host keeping its address).
+    let new_mac = [2, 0, 0, 0, 0, 0x42];
+    f.ns.ip(&format!(
+        "neigh replace {} lladdr {} dev be0 nud permanent",
+        backend.ip(),
+        ambassador_tests::fixture::mac(new_mac)
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (_, out) = f.run(&input.build());
+    let want = Spec {
+        dst: backend,
+        ttl: input.ttl - 1,
+        src_mac: LB_BACKEND_MAC,
+        dst_mac: new_mac,
+        ..input.clone()
+    };
+    assert_eq!(out, want.build(), "cached route outlived its second");
+}
+
+#[test]
+fn packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack() {
+    let mut f = Fixture::new();
+    let small = Spec::tcp("198.51.100.31:40021", "10.200.0.100:80");
+    let (_, backend) = f.pick("web4", "198.51.100.31:40021");
+    f.run(&small.build());
+    f.run(&small.build()); // caches the route for a small packet
+    f.ns.ip("link set be0 mtu 1000");
+    let big = Spec {
+        payload: vec![0x61; 1200],
+        ..small.clone()
+    };
+    let (action, out) = f.run(&big.build());
+    // Rewritten, but routed by the stack, which answers with fragmentation-needed.
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        Spec {
+            dst: backend,
+            ..big
+        }
+        .build()
+    );
+    // Small packets still take the fast path.
+    assert_eq!(f.run(&small.build()).0, XDP_REDIRECT);
 }

@@ -29,13 +29,12 @@ pub static EBPF_OBJECT: &[u8] =
 pub const PROGRAM: &str = "ambassador_xdp";
 
 /// Names of the maps, as pinned under the pin directory.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 7] = [
     "SERVICES",
     "BACKENDS",
     "RINGS",
     "FLOWS",
     "ADDR_FILTER",
-    "SERVICE_STATS",
     "BACKEND_STATS",
     "GLOBAL_STATS",
 ];
@@ -122,6 +121,11 @@ impl KernelDataplane {
             .expect("program present since load")
             .try_into()
             .expect("program is XDP")
+    }
+
+    /// The loaded object, for benchmarks that load its helper programs.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Attach to an interface; `mode` None lets the kernel choose (native where the driver has
@@ -424,10 +428,9 @@ fn clone_map(m: &Map) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
-/// Kernel counters, summed over CPUs.
+/// Kernel counters, summed over CPUs (a service's totals are the sums of its backends').
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Stats {
-    pub services: Vec<Counters2>,
     pub backends: Vec<Counters2>,
     pub global: Vec<(String, u64)>,
 }
@@ -470,18 +473,13 @@ impl Stats {
                 })
                 .collect()
         };
-        let services = sum(open("SERVICE_STATS")?, MAX_SERVICES)?;
         let backends = sum(open("BACKEND_STATS")?, MAX_BACKENDS)?;
         let g: PerCpuArray<_, u64> = PerCpuArray::try_from(open("GLOBAL_STATS")?)?;
         let global = STAT_NAMES
             .iter()
             .map(|(s, n)| Ok((n.to_string(), g.get(&(*s as u32), 0)?.iter().sum())))
             .collect::<Result<_>>()?;
-        Ok(Stats {
-            services,
-            backends,
-            global,
-        })
+        Ok(Stats { backends, global })
     }
 
     /// Read counters from maps pinned under `dir` by a running daemon.

@@ -1,0 +1,111 @@
+//! Programs for `cargo xtask bench xdp` only; never attached. They give the benchmark its
+//! floors and let it time a program that rewrites packets with `BPF_PROG_TEST_RUN`'s `repeat`,
+//! which does not restore the packet between iterations.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    programs::XdpContext,
+};
+
+/// Bytes of the benchmark packet the wrappers restore (covers Ethernet + IPv4 + TCP headers).
+pub const BENCH_RESTORE_LEN: usize = 64;
+
+/// The original first bytes of the benchmark packet.
+#[map]
+static BENCH_PACKET: Array<[u64; BENCH_RESTORE_LEN / 8]> = Array::with_max_entries(1, 0);
+/// Slot 0: the program under test.
+#[map]
+static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+static BENCH_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// The floor's one hash lookup, keyed like `SERVICES`.
+#[map]
+static BENCH_LOOKUP: HashMap<[u32; 5], u32> = HashMap::with_max_entries(1024, 0);
+
+/// Floor 1: the cost of running an XDP program at all.
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Floor 2: parse Ethernet/IPv4/TCP and do one hash lookup.
+#[xdp]
+pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 54 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 54 bytes (Ethernet + IPv4 + TCP) are inside the packet, checked above.
+    let (ethertype, vihl, dst, ports) = unsafe {
+        (
+            ((start + 12) as *const u16).read_unaligned(),
+            ((start + 14) as *const u8).read(),
+            ((start + 30) as *const u32).read_unaligned(),
+            ((start + 34) as *const u32).read_unaligned(),
+        )
+    };
+    if ethertype != 0x0800u16.to_be() || vihl != 0x45 {
+        return xdp_action::XDP_PASS;
+    }
+    let key = [dst, 0, 0, 0, ports];
+    // SAFETY: plain lookup; the value is only tested for presence.
+    match unsafe { BENCH_LOOKUP.get(&key) } {
+        Some(_) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn restore(ctx: &XdpContext) -> bool {
+    let start = ctx.data();
+    if start + BENCH_RESTORE_LEN > ctx.data_end() {
+        return false;
+    }
+    let Some(orig) = BENCH_PACKET.get(0) else {
+        return false;
+    };
+    let p = start as *mut [u64; BENCH_RESTORE_LEN / 8];
+    // SAFETY: BENCH_RESTORE_LEN bytes are inside the packet, checked above.
+    unsafe { p.write_unaligned(*orig) };
+    true
+}
+
+/// Restore the packet, then run the program under test.
+#[xdp]
+pub fn bench_restore(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: tail call into slot 0 of our program array; on failure we fall through.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+/// Restore the packet, give it a source no flow has had yet, then run the program under test:
+/// every iteration is a new flow.
+#[xdp]
+pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(c) = BENCH_COUNTER.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let start = ctx.data();
+    if start + BENCH_RESTORE_LEN > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: per-CPU counter; the source port (34..36) and the last source octet (29) are
+    // inside the restored bytes.
+    unsafe {
+        let n = *c;
+        *c = n.wrapping_add(1);
+        ((start + 34) as *mut u16).write_unaligned(n as u16);
+        ((start + 29) as *mut u8).write((n >> 16) as u8);
+    }
+    // SAFETY: as in bench_restore.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
