@@ -317,8 +317,9 @@ http {{
     }
 }
 
-impl Drop for Topology {
-    fn drop(&mut self) {
+impl Topology {
+    /// Stop the daemon (SIGTERM, then SIGKILL after 5 s) and wait for it.
+    pub fn stop_daemon(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             let _ = sh(&format!("kill -TERM {} 2>/dev/null; true", d.id()));
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -331,6 +332,12 @@ impl Drop for Topology {
             let _ = d.kill();
             let _ = d.wait();
         }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop_daemon();
         for mut n in self.nginx.drain(..) {
             let _ = n.kill();
             let _ = n.wait();
