@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::Config,
     dataplane::{
-        kernel::{preflight, Ids, KernelDataplane},
+        kernel::{check_interface, preflight, Ids, KernelDataplane},
         Plan,
     },
 };
@@ -125,6 +125,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "no interface to attach to: list them under `interfaces:` in {} or pass --interface IF",
             opts.config.display()
         );
+    }
+    for iface in &interfaces {
+        check_interface(iface)?;
     }
     let _lock = PidLock::take(&opts.state_dir)?;
     let mut dp = KernelDataplane::load()?;

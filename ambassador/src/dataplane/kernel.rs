@@ -131,11 +131,7 @@ impl KernelDataplane {
     /// Attach to an interface; `mode` None lets the kernel choose (native where the driver has
     /// it, generic otherwise).
     pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<()> {
-        let c = std::ffi::CString::new(iface).context("interface name has a NUL byte")?;
-        // SAFETY: if_nametoindex reads a valid C string; it resolves in our network namespace.
-        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-            bail!("interface {iface} does not exist (see `ip link show`); fix `interfaces:` or --interface");
-        }
+        check_interface(iface)?;
         let id = self
             .program()
             .attach(iface, mode.unwrap_or_default())
@@ -511,6 +507,16 @@ fn raise_memlock_limit() {
     unsafe {
         libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
     }
+}
+
+/// Fail with a fix when `iface` does not exist in this network namespace.
+pub fn check_interface(iface: &str) -> Result<()> {
+    let c = std::ffi::CString::new(iface).context("interface name has a NUL byte")?;
+    // SAFETY: if_nametoindex reads a valid C string; it resolves in our network namespace.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        bail!("interface {iface} does not exist (see `ip link show`); fix `interfaces:` or --interface");
+    }
+    Ok(())
 }
 
 /// Checks that make `run` fail early with a fix instead of a kernel error code.

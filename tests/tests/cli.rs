@@ -1,0 +1,135 @@
+//! The CLI as a user meets it: `check`, `simulate`, and `run`'s one-line errors for the
+//! mistakes people make first.
+
+use std::{path::PathBuf, process::Command};
+
+use ambassador_tests::{ambassador_bin, netns::Netns, require_root};
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/ambassador.yaml")
+}
+
+fn tmp(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("amb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn amb(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ambassador_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let (code, out, _) = amb(&["check", example().to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok (1 services, 2 backends)"), "{out}");
+}
+
+#[test]
+fn check_names_file_line_key_and_fix_and_exits_non_zero() {
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("weight: 1 }", "wieght: 1 }");
+    let bad = tmp("typo.yaml", &text);
+    let (code, _, err) = amb(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let line = err.lines().next().unwrap();
+    assert!(line.contains("typo.yaml:11:"), "{err}");
+    assert!(line.contains("services[0].split.backends[1]"), "{err}");
+    assert!(
+        line.contains("unknown field `wieght`") && line.contains("fix:"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line, no backtrace: {err}");
+}
+
+#[test]
+fn simulate_predicts_the_split_and_what_a_change_moves() {
+    let one_to_one = tmp(
+        "even.yaml",
+        &std::fs::read_to_string(example())
+            .unwrap()
+            .replace("weight: 9", "weight: 1"),
+    );
+    let (code, out, err) = amb(&[
+        "simulate",
+        "--config",
+        example().to_str().unwrap(),
+        "--clients",
+        "50000",
+        "--against",
+        one_to_one.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v["services"][0];
+    let web = s["backends"][0]["predicted"].as_f64().unwrap();
+    assert!((web - 0.9).abs() < 0.01, "{out}");
+    // 9:1 → 1:1 must move web's surplus (40% of clients) and nothing else.
+    let moved = s["moved"].as_f64().unwrap();
+    assert!((moved - 0.4).abs() < 0.015, "{out}");
+}
+
+#[test]
+fn run_with_a_missing_interface_says_so_in_one_line() {
+    require_root();
+    let ns = Netns::new("cli");
+    let out = ns
+        .command(ambassador_bin().to_str().unwrap())
+        .args([
+            "run",
+            "--config",
+            example().to_str().unwrap(),
+            "-i",
+            "nosuch0",
+        ])
+        .args(["--state-dir", &format!("/tmp/amb-cli-state-{}", ns.name)])
+        .args(["--pin-dir", &format!("/sys/fs/bpf/amb-cli-{}", ns.name)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("interface nosuch0 does not exist"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_without_bpffs_tells_how_to_mount_it() {
+    require_root();
+    let (code, _, err) = amb(&[
+        "run",
+        "--config",
+        example().to_str().unwrap(),
+        "--pin-dir",
+        "/tmp/not-bpffs/ambassador",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("mount -t bpf bpf /tmp/not-bpffs"), "{err}");
+}
+
+#[test]
+fn run_without_privileges_says_what_it_needs() {
+    require_root();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(ambassador_bin())
+        .args(["run", "--config", example().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root"), "{err}");
+}
