@@ -23,6 +23,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use ambassador_ebpf::{KeyMode, MAX_BACKENDS, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
@@ -47,6 +48,103 @@ pub struct ServiceConfig {
     /// `ADDRESS:PORT/PROTO`, e.g. `10.200.0.100:80/tcp` or `[fd00::100]:80/udp`.
     pub listen: Listen,
     pub split: Split,
+    /// Terminate TLS here (the TLS sidecar) and forward plaintext to the chosen backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Limits and timeouts of the userspace paths (TLS sidecar, userspace data plane).
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Limits with safe defaults: a slowloris cannot hold a handshake open, an idle connection
+/// does not live forever, and one service cannot take every file descriptor.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections (TCP) or sessions (UDP) per service; more are refused.
+    pub max_connections: usize,
+    /// A TLS handshake must finish within this.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Connecting to a backend must finish within this.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// A UDP session with no datagram either way for this long is forgotten.
+    #[serde(with = "duration")]
+    pub udp_session_timeout: Duration,
+    /// On SIGTERM, open connections get this long to finish.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            udp_session_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Durations written the way people write them: `10s`, `500ms`, `5m`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}): write e.g. `10s`, `500ms` or `5m`"
+            ))
+        })
+    }
+}
+
+/// The TLS sidecar of a service (the book's "add HTTPS to a legacy service").
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate/key pairs; SNI picks among them by their names, the first is the default.
+    pub certificates: Vec<CertificatePair>,
+    /// Require client certificates signed by this CA (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: accept only client certificates with one of these SANs (URI or DNS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_sans: Vec<String>,
+    /// Tell the backend the real client address with a PROXY protocol header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Also listen on this port of the same address and redirect HTTP to HTTPS (with HSTS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_http: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -301,6 +399,59 @@ impl Config {
                     Some(s.listen.to_string()),
                     "port 0 cannot be a service port".into(),
                     "write the port clients connect to".into(),
+                ));
+            }
+            if let Some(tls) = &s.tls {
+                let needle = Some("tls:".to_string());
+                if s.listen.proto != Proto::Tcp {
+                    return Err((
+                        format!("{at}.tls"),
+                        needle,
+                        "TLS is for TCP services".into(),
+                        "use `/tcp` in `listen`, or remove `tls`".into(),
+                    ));
+                }
+                if tls.certificates.is_empty() {
+                    return Err((
+                        format!("{at}.tls.certificates"),
+                        needle,
+                        "no certificate configured".into(),
+                        "add `- { cert: FILE, key: FILE }` under `certificates`".into(),
+                    ));
+                }
+                if !tls.allow_sans.is_empty() && tls.client_ca.is_none() {
+                    return Err((
+                        format!("{at}.tls.allow_sans"),
+                        Some("allow_sans".into()),
+                        "`allow_sans` checks client certificates, which only `client_ca` asks for"
+                            .into(),
+                        "add `client_ca: CA-FILE`, or remove `allow_sans`".into(),
+                    ));
+                }
+                if let Some(port) = tls.redirect_http {
+                    let redirect = Listen {
+                        addr: SocketAddr::new(s.listen.addr.ip(), port),
+                        proto: Proto::Tcp,
+                    };
+                    if port == s.listen.addr.port() || !listens.insert(redirect) {
+                        return Err((
+                            format!("{at}.tls.redirect_http"),
+                            Some("redirect_http".into()),
+                            format!(
+                                "port {port} of {} is already in use by another listener",
+                                s.listen.addr.ip()
+                            ),
+                            "pick a port no service listens on".into(),
+                        ));
+                    }
+                }
+            }
+            if s.limits.max_connections == 0 {
+                return Err((
+                    format!("{at}.limits.max_connections"),
+                    Some("max_connections".into()),
+                    "0 connections would refuse every client".into(),
+                    "set at least 1 (default 10000)".into(),
                 ));
             }
             let mut bnames = HashSet::new();

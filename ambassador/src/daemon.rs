@@ -1,10 +1,14 @@
-//! `ambassador run`: load, attach, program, then keep the kernel in step with the config file
-//! (SIGHUP or a change on disk). A rejected config is logged and the running one keeps serving.
+//! `ambassador run`: load, attach, program, then keep the data planes in step with the config
+//! file (SIGHUP or a change on disk) and the TLS files. A rejected config is logged and the
+//! running one keeps serving. SIGTERM drains: stop accepting, let open connections finish.
 
 use std::{
+    collections::HashMap,
     io::Write as _,
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -15,21 +19,34 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, TlsConfig},
     dataplane::{
         kernel::{check_interface, preflight, Ids, KernelDataplane},
+        userspace::{ServiceRuntime, UserspaceDataplane},
         Plan,
     },
+    tls::Sidecar,
 };
 
 pub const DEFAULT_STATE_DIR: &str = "/run/ambassador";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ambassador";
+
+/// Which data plane forwards plain services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataplaneMode {
+    /// XDP when it can be loaded and attached, else userspace (with a warning saying why).
+    Auto,
+    Xdp,
+    Userspace,
+}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub config: PathBuf,
     pub interfaces: Vec<String>,
     pub xdp_mode: Option<XdpMode>,
+    pub dataplane: DataplaneMode,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
 }
@@ -39,14 +56,17 @@ pub struct RunOptions {
 pub struct State {
     pub pid: u32,
     pub config_path: PathBuf,
-    pub pin_dir: PathBuf,
+    /// `xdp` or `userspace`: who forwards plain services.
+    pub dataplane: DataplaneMode,
+    /// Where the kernel maps are pinned (XDP only).
+    pub pin_dir: Option<PathBuf>,
     pub interfaces: Vec<String>,
     /// Incremented on every applied config.
     pub generation: u64,
     /// The config being served.
     pub config: Config,
     pub ids: Ids,
-    /// The last rejected config's error, cleared by the next good one.
+    /// The last rejected config's (or certificate reload's) error, cleared by the next success.
     pub last_error: Option<String>,
 }
 
@@ -112,44 +132,273 @@ impl Drop for PidLock {
     }
 }
 
+/// Service addresses the userspace data plane listens on must be local; those that were not
+/// are added to `lo` and removed again at exit (as kube-proxy's IPVS mode does with its dummy
+/// interface). `ip` is used rather than a netlink crate: two commands, no new dependency.
+#[derive(Default)]
+struct LocalAddresses {
+    added: Vec<IpAddr>,
+}
+
+impl LocalAddresses {
+    fn ensure(&mut self, ip: IpAddr) -> Result<()> {
+        if self.added.contains(&ip) || is_local(ip) {
+            return Ok(());
+        }
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let mut cmd = std::process::Command::new("ip");
+        if ip.is_ipv6() {
+            cmd.arg("-6");
+        }
+        let out = cmd
+            .args(["addr", "add", &format!("{ip}/{prefix}"), "dev", "lo"])
+            .args(if ip.is_ipv6() {
+                &["nodad"][..]
+            } else {
+                &[][..]
+            })
+            .output()
+            .context("running `ip addr add` (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "service address {ip} is not local and could not be added to lo: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        info!(address = %ip, "added the service address to lo for the userspace data plane");
+        self.added.push(ip);
+        Ok(())
+    }
+}
+
+impl Drop for LocalAddresses {
+    fn drop(&mut self) {
+        for ip in &self.added {
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            let _ = std::process::Command::new("ip")
+                .args(["addr", "del", &format!("{ip}/{prefix}"), "dev", "lo"])
+                .output();
+        }
+    }
+}
+
+fn is_local(ip: IpAddr) -> bool {
+    // Binding succeeds only for local addresses (no IP_FREEBIND).
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Everything the daemon runs.
+struct Daemon {
+    opts: RunOptions,
+    kernel: Option<KernelDataplane>,
+    userspace: UserspaceDataplane,
+    sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
+    local: LocalAddresses,
+    state: State,
+}
+
+impl Daemon {
+    /// Build what a config needs in userspace (loading TLS files), reusing sidecars whose
+    /// settings did not change so their session caches and tickets survive a reload.
+    fn runtimes(&mut self, cfg: &Config, plan: &Plan) -> Result<Vec<ServiceRuntime>> {
+        let all = self.kernel.is_none();
+        let mut sidecars = HashMap::new();
+        let mut out = Vec::new();
+        for (s, p) in cfg.services.iter().zip(&plan.services) {
+            if !(all || p.userspace) {
+                continue;
+            }
+            let tls = match &s.tls {
+                None => None,
+                Some(t) => {
+                    let k = (s.name.clone(), t.clone());
+                    let sc = match self.sidecars.get(&k) {
+                        Some(sc) => sc.clone(),
+                        None => Arc::new(
+                            Sidecar::load(t).with_context(|| format!("service {}: TLS", s.name))?,
+                        ),
+                    };
+                    sidecars.insert(k, sc.clone());
+                    Some(sc)
+                }
+            };
+            self.local.ensure(s.listen.addr.ip())?;
+            out.push(ServiceRuntime {
+                plan: p.clone(),
+                limits: s.limits,
+                tls,
+                redirect_http: s.tls.as_ref().and_then(|t| t.redirect_http),
+            });
+        }
+        self.sidecars = sidecars;
+        Ok(out)
+    }
+
+    async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
+        let plan = Plan::build(cfg);
+        let runtimes = self.runtimes(cfg, &plan)?;
+        self.userspace.apply(runtimes).await?;
+        match &mut self.kernel {
+            Some(k) => k.apply(&plan),
+            None => Ok(Ids::default()),
+        }
+    }
+
+    fn tls_files(&self) -> Vec<PathBuf> {
+        self.sidecars.values().flat_map(|s| s.files()).collect()
+    }
+
+    async fn reload(&mut self, why: &str, last_text: &mut Option<Vec<u8>>, always: bool) {
+        let text = std::fs::read(&self.opts.config).ok();
+        if !always && text == *last_text {
+            return;
+        }
+        *last_text = text;
+        match Config::load(&self.opts.config) {
+            Err(e) => {
+                error!(
+                    reason = why,
+                    "config rejected, still serving generation {}: {e}", self.state.generation
+                );
+                self.state.last_error = Some(e.to_string());
+            }
+            Ok(cfg) => {
+                if !cfg.interfaces.is_empty()
+                    && self.opts.interfaces.is_empty()
+                    && self.kernel.is_some()
+                    && cfg.interfaces != self.state.interfaces
+                {
+                    warn!("`interfaces` changed; attaching to new interfaces takes a restart");
+                }
+                match self.apply(&cfg).await {
+                    Ok(ids) => {
+                        self.state.generation += 1;
+                        self.state.config = cfg;
+                        self.state.ids = ids;
+                        self.state.last_error = None;
+                        info!(
+                            reason = why,
+                            generation = self.state.generation,
+                            "config applied"
+                        );
+                    }
+                    Err(e) => {
+                        error!(
+                            reason = why,
+                            "config not applied, still serving generation {}: {e:#}",
+                            self.state.generation
+                        );
+                        self.state.last_error = Some(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn reload_certificates(&mut self) {
+        for ((name, _), sc) in &self.sidecars {
+            match sc.reload() {
+                Ok(true) => {
+                    info!(service = %name, "certificates reloaded: new handshakes use them")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    error!(service = %name, "certificate reload rejected, keeping the previous certificates: {e:#}");
+                    self.state.last_error = Some(format!("service {name}: {e:#}"));
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        if let Err(e) = self.state.write(&self.opts.state_dir) {
+            warn!("could not write state: {e:#}");
+        }
+    }
+}
+
+fn start_kernel(
+    opts: &RunOptions,
+    interfaces: &[String],
+    cfg_path: &Path,
+) -> Result<KernelDataplane> {
+    if interfaces.is_empty() {
+        bail!(
+            "no interface to attach to: list them under `interfaces:` in {} or pass --interface IF",
+            cfg_path.display()
+        );
+    }
+    preflight(&opts.pin_dir)?;
+    for iface in interfaces {
+        check_interface(iface)?;
+    }
+    let mut dp = KernelDataplane::load()?;
+    dp.pin_maps(&opts.pin_dir)?;
+    Ok(dp)
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     let cfg = Config::load(&opts.config).map_err(|e| anyhow!("{e}"))?;
-    preflight(&opts.pin_dir)?;
     let interfaces = if opts.interfaces.is_empty() {
         cfg.interfaces.clone()
     } else {
         opts.interfaces.clone()
     };
-    if interfaces.is_empty() {
-        bail!(
-            "no interface to attach to: list them under `interfaces:` in {} or pass --interface IF",
-            opts.config.display()
-        );
-    }
-    for iface in &interfaces {
-        check_interface(iface)?;
+    if opts.dataplane == DataplaneMode::Xdp {
+        // Say what is missing before touching anything (the state directory included).
+        preflight(&opts.pin_dir)?;
+        for iface in &interfaces {
+            check_interface(iface)?;
+        }
     }
     let _lock = PidLock::take(&opts.state_dir)?;
-    let mut dp = KernelDataplane::load()?;
-    dp.pin_maps(&opts.pin_dir)?;
-    let ids = dp.apply(&Plan::build(&cfg))?;
-    for iface in &interfaces {
-        dp.attach(iface, opts.xdp_mode)?;
-    }
-    let mut state = State {
-        pid: std::process::id(),
-        config_path: opts.config.clone(),
-        pin_dir: opts.pin_dir.clone(),
-        interfaces: interfaces.clone(),
-        generation: 1,
-        config: cfg,
-        ids,
-        last_error: None,
+    let kernel = match opts.dataplane {
+        DataplaneMode::Userspace => None,
+        DataplaneMode::Xdp => Some(start_kernel(&opts, &interfaces, &opts.config)?),
+        DataplaneMode::Auto => match start_kernel(&opts, &interfaces, &opts.config) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!("XDP unavailable ({e:#}); using the userspace data plane");
+                None
+            }
+        },
     };
-    state.write(&opts.state_dir)?;
+    let xdp = kernel.is_some();
+    let mut d = Daemon {
+        state: State {
+            pid: std::process::id(),
+            config_path: opts.config.clone(),
+            dataplane: if xdp {
+                DataplaneMode::Xdp
+            } else {
+                DataplaneMode::Userspace
+            },
+            pin_dir: xdp.then(|| opts.pin_dir.clone()),
+            interfaces: if xdp { interfaces.clone() } else { Vec::new() },
+            generation: 1,
+            config: cfg.clone(),
+            ids: Ids::default(),
+            last_error: None,
+        },
+        opts: opts.clone(),
+        kernel,
+        userspace: UserspaceDataplane::new(),
+        sidecars: HashMap::new(),
+        local: LocalAddresses::default(),
+    };
+    d.state.ids = d.apply(&cfg).await?;
+    if let Some(k) = &mut d.kernel {
+        for iface in &interfaces {
+            k.attach(iface, opts.xdp_mode)?;
+        }
+    }
+    d.publish();
     info!(
-        services = state.config.services.len(),
-        interfaces = ?interfaces,
+        services = cfg.services.len(),
+        dataplane = if xdp { "xdp" } else { "userspace" },
+        interfaces = ?d.state.interfaces,
         "serving {}",
         opts.config.display()
     );
@@ -157,97 +406,90 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut changes = watch(&opts.config)?;
+    let mut changes = watch(std::slice::from_ref(&opts.config))?;
+    let mut tls_files = d.tls_files();
+    let mut tls_changes = watch(&tls_files)?;
     let mut last_text = std::fs::read(&opts.config).ok();
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&mut dp, &mut state, &opts, "SIGHUP", &mut last_text, true),
-            Some(()) = changes.recv() => {
+            _ = hup.recv() => {
+                d.reload("SIGHUP", &mut last_text, true).await;
+                d.reload_certificates();
+            }
+            Some(()) = changes.rx.recv() => {
                 // Let a burst of writes (editors, ConfigMap symlink swaps) settle.
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                while changes.try_recv().is_ok() {}
-                reload(&mut dp, &mut state, &opts, "file changed", &mut last_text, false);
+                while changes.rx.try_recv().is_ok() {}
+                d.reload("file changed", &mut last_text, false).await;
+            }
+            Some(()) = tls_changes.rx.recv() => {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while tls_changes.rx.try_recv().is_ok() {}
+                d.reload_certificates();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        let now = d.tls_files();
+        if now != tls_files {
+            tls_files = now;
+            tls_changes = watch(&tls_files)?;
+        }
     }
-    info!("shutting down: detaching XDP");
+    let deadline = d
+        .state
+        .config
+        .services
+        .iter()
+        .map(|s| s.limits.drain_timeout)
+        .max()
+        .unwrap_or_default();
+    info!("draining: no new connections; open ones get up to {deadline:?}");
     let _ = std::fs::remove_file(State::path(&opts.state_dir));
-    drop(dp);
+    let Daemon {
+        userspace,
+        kernel,
+        local,
+        ..
+    } = d;
+    if !userspace.drain(deadline).await {
+        warn!("drain deadline passed with connections still open: closing them");
+    }
+    drop(kernel);
+    drop(local);
+    info!("stopped");
     Ok(())
 }
 
-fn reload(
-    dp: &mut KernelDataplane,
-    state: &mut State,
-    opts: &RunOptions,
-    why: &str,
-    last_text: &mut Option<Vec<u8>>,
-    always: bool,
-) {
-    let text = std::fs::read(&opts.config).ok();
-    if !always && text == *last_text {
-        return;
-    }
-    *last_text = text;
-    match Config::load(&opts.config) {
-        Err(e) => {
-            error!(
-                reason = why,
-                "config rejected, still serving generation {}: {e}", state.generation
-            );
-            state.last_error = Some(e.to_string());
-        }
-        Ok(cfg) => {
-            if !cfg.interfaces.is_empty()
-                && opts.interfaces.is_empty()
-                && cfg.interfaces != state.interfaces
-            {
-                warn!("`interfaces` changed; attaching to new interfaces takes a restart");
-            }
-            match dp.apply(&Plan::build(&cfg)) {
-                Ok(ids) => {
-                    state.generation += 1;
-                    state.config = cfg;
-                    state.ids = ids;
-                    state.last_error = None;
-                    info!(
-                        reason = why,
-                        generation = state.generation,
-                        "config applied"
-                    );
-                }
-                Err(e) => {
-                    error!(reason = why, "programming the kernel failed: {e:#}");
-                    state.last_error = Some(format!("{e:#}"));
-                }
-            }
-        }
-    }
-    if let Err(e) = state.write(&opts.state_dir) {
-        warn!("could not write state: {e:#}");
-    }
+/// Events for files. Their directories are watched, not the files, so atomic renames and
+/// symlink swaps (Kubernetes ConfigMap and Secret volumes) are seen.
+struct Watch {
+    _watcher: notify::RecommendedWatcher,
+    rx: tokio::sync::mpsc::UnboundedReceiver<()>,
 }
 
-/// Events for the config file. The directory is watched, not the file, so atomic renames and
-/// symlink swaps (Kubernetes ConfigMap volumes) are seen.
-fn watch(path: &Path) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+fn watch(paths: &[PathBuf]) -> Result<Watch> {
     use notify::{RecursiveMode, Watcher as _};
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok() {
             let _ = tx.send(());
         }
     })?;
-    w.watch(&dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
-    // The watcher lives as long as the daemon.
-    std::mem::forget(w);
-    Ok(rx)
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            p.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in &dirs {
+        w.watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+    }
+    Ok(Watch { _watcher: w, rx })
 }

@@ -41,6 +41,10 @@ enum Cmd {
         interfaces: Vec<String>,
         #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
         xdp_mode: XdpModeArg,
+        /// Who forwards plain services: XDP, the userspace data plane, or XDP when it can be
+        /// loaded and attached (auto, with a warning saying why when it cannot).
+        #[arg(long, value_enum, default_value_t = DataplaneArg::Auto)]
+        dataplane: DataplaneArg,
         #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
@@ -53,6 +57,13 @@ enum Cmd {
         #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DataplaneArg {
+    Auto,
+    Xdp,
+    Userspace,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,6 +127,7 @@ fn real_main(cli: Cli) -> Result<()> {
             config,
             interfaces,
             xdp_mode,
+            dataplane,
             state_dir,
             pin_dir,
         } => {
@@ -124,13 +136,19 @@ fn real_main(cli: Cli) -> Result<()> {
                 XdpModeArg::Native => Some(aya::programs::XdpMode::Driver),
                 XdpModeArg::Skb => Some(aya::programs::XdpMode::Skb),
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let dataplane = match dataplane {
+                DataplaneArg::Auto => daemon::DataplaneMode::Auto,
+                DataplaneArg::Xdp => daemon::DataplaneMode::Xdp,
+                DataplaneArg::Userspace => daemon::DataplaneMode::Userspace,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(daemon::run(daemon::RunOptions {
                 config,
                 interfaces,
                 xdp_mode,
+                dataplane,
                 state_dir,
                 pin_dir,
             }))

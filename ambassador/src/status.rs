@@ -10,6 +10,7 @@ use crate::{daemon::State, dataplane::kernel::Stats};
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
     pub pid: u32,
+    pub dataplane: String,
     pub generation: u64,
     pub config: String,
     pub interfaces: Vec<String>,
@@ -41,7 +42,10 @@ pub struct BackendStatus {
 
 pub fn report(state_dir: &Path) -> Result<StatusReport> {
     let state = State::read(state_dir)?;
-    let stats = Stats::read_pinned(&state.pin_dir)?;
+    let stats = match &state.pin_dir {
+        Some(dir) => Stats::read_pinned(dir)?,
+        None => Stats::default(),
+    };
     let services = state
         .config
         .services
@@ -86,6 +90,10 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         .collect();
     Ok(StatusReport {
         pid: state.pid,
+        dataplane: serde_json::to_value(state.dataplane)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         generation: state.generation,
         config: state.config_path.display().to_string(),
         interfaces: state.interfaces,
@@ -99,11 +107,15 @@ pub fn render(r: &StatusReport) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "ambassador pid {} · config {} (generation {}) · XDP on {}",
+        "ambassador pid {} · config {} (generation {}) · {}",
         r.pid,
         r.config,
         r.generation,
-        r.interfaces.join(", ")
+        if r.dataplane == "xdp" {
+            format!("XDP on {}", r.interfaces.join(", "))
+        } else {
+            "userspace data plane".to_string()
+        }
     );
     if let Some(e) = &r.last_error {
         let _ = writeln!(

@@ -2,8 +2,10 @@
 //! etherparse (independent of the code under test), and the real `ambassador` binary.
 
 pub mod fixture;
+pub mod local;
 pub mod netns;
 pub mod packets;
+pub mod pki;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -173,6 +173,10 @@ http {{
     listen [::]:80 backlog=4096;
     location / {{ default_type text/plain; return 200 \"{name} $remote_addr\\n\"; }}
   }}
+  server {{
+    listen 8080 proxy_protocol;
+    location / {{ default_type text/plain; return 200 \"{name} $proxy_protocol_addr\\n\"; }}
+  }}
 }}
 ",
                     d = d.display()

@@ -91,6 +91,8 @@ fn run_with_a_missing_interface_says_so_in_one_line() {
             example().to_str().unwrap(),
             "-i",
             "nosuch0",
+            "--dataplane",
+            "xdp",
         ])
         .args(["--state-dir", &format!("/tmp/amb-cli-state-{}", ns.name)])
         .args(["--pin-dir", &format!("/sys/fs/bpf/amb-cli-{}", ns.name)])
@@ -113,6 +115,8 @@ fn run_without_bpffs_tells_how_to_mount_it() {
         "run",
         "--config",
         example().to_str().unwrap(),
+        "--dataplane",
+        "xdp",
         "--pin-dir",
         "/tmp/not-bpffs/ambassador",
     ]);
@@ -126,10 +130,61 @@ fn run_without_privileges_says_what_it_needs() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(ambassador_bin())
-        .args(["run", "--config", example().to_str().unwrap()])
+        .args([
+            "run",
+            "--config",
+            example().to_str().unwrap(),
+            "--dataplane",
+            "xdp",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("needs root"), "{err}");
+}
+
+#[test]
+fn auto_falls_back_to_userspace_with_a_warning_that_says_why() {
+    require_root();
+    let ns = Netns::new("auto");
+    let dir = std::env::temp_dir().join(format!("amb-cli-auto-{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let mut child = ns.spawn(
+        &format!(
+            "{} run --config {} -i nosuch0 --state-dir {} --pin-dir /sys/fs/bpf/amb-auto-{}",
+            ambassador_bin().display(),
+            example().display(),
+            dir.join("state").display(),
+            ns.name
+        ),
+        &log,
+    );
+    let state = dir.join("state/state.json");
+    ambassador_tests::topology::wait_for(std::time::Duration::from_secs(10), "fallback", || {
+        state.exists()
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("XDP unavailable"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        warning.contains("interface nosuch0 does not exist"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("using the userspace data plane"),
+        "{warning}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(st["dataplane"], "userspace");
+    // It serves the service address, which it made local, and gives it back on exit.
+    assert!(ns.ip("addr show dev lo").contains("10.200.0.100/32"));
+    ambassador_tests::netns::sh(&format!("kill -TERM {}", child.id()));
+    assert!(child.wait().unwrap().success());
+    assert!(!ns.ip("addr show dev lo").contains("10.200.0.100/32"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

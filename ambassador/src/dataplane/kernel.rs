@@ -290,7 +290,11 @@ impl KernelDataplane {
                     ring: l.ring,
                     seed: s.selector.seed,
                     key_mode: s.selector.key_mode,
-                    flags: 0,
+                    flags: if s.userspace {
+                        ambassador_ebpf::SERVICE_PASS_TO_STACK
+                    } else {
+                        0
+                    },
                 };
                 services.insert(l.key, v, 0).context("writing SERVICES")?;
             }

@@ -1,10 +1,11 @@
 //! Data planes: what the config means for packets, and the two places it is carried out.
 //!
 //! [`Plan`] turns a validated config into per-service selectors (pure: no kernel needed);
-//! [`kernel`] writes plans into the XDP program's maps. Both `simulate` and the tests use the
+//! [`kernel`] writes plans into the XDP program's maps; [`userspace`] proxies with them. Both `simulate` and the tests use the
 //! same [`Plan`], so their choices are the kernel's.
 
 pub mod kernel;
+pub mod userspace;
 
 use crate::{
     config::{BackendConfig, Config, Listen, SplitKey},
@@ -19,6 +20,8 @@ pub struct ServicePlan {
     pub key: SplitKey,
     pub backends: Vec<BackendConfig>,
     pub selector: Selector,
+    /// Served by userspace even when XDP runs (TLS): the kernel passes its packets to the stack.
+    pub userspace: bool,
 }
 
 impl ServicePlan {
@@ -60,6 +63,7 @@ impl Plan {
                         seed: s.split.seed.unwrap_or_else(|| service_seed(&s.name)),
                         table: Table::build(&members),
                     },
+                    userspace: s.tls.is_some(),
                 }
             })
             .collect();
