@@ -28,7 +28,8 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
 /// Per-CPU LRU lists (BPF_F_NO_COMMON_LRU), as Katran does: inserts do not contend on one list.
 #[map]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 #[map]
 static ADDR_FILTER: Array<u32> = Array::with_max_entries(FILTER_SIZE, 0);
 #[map]

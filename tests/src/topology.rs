@@ -243,12 +243,18 @@ http {{
 
     /// Start `ambassador run` in the lb namespace and wait until it serves.
     pub fn start_daemon(&mut self) {
+        self.start_daemon_with(&[]);
+    }
+
+    /// Start `ambassador run ARGS...` in the lb namespace and wait until it serves.
+    pub fn start_daemon_with(&mut self, args: &[&str]) {
         let cmd = format!(
-            "{} run --config {} --state-dir {} --pin-dir {}",
+            "{} run --config {} --state-dir {} --pin-dir {} {}",
             ambassador_bin().display(),
             self.config_path().display(),
             self.state_dir().display(),
-            self.pin_dir.display()
+            self.pin_dir.display(),
+            args.join(" ")
         );
         let child = self.lb.spawn(&cmd, &self.daemon_log_path());
         self.daemon = Some(child);

@@ -515,10 +515,16 @@ fn service_without_backends_is_passed_to_the_stack() {
 }
 
 #[test]
-fn kernel_picks_what_simulate_picks_for_10000_clients() {
+fn kernel_userspace_and_simulate_pick_the_same_backend_for_10000_clients() {
     let mut f = Fixture::new();
     let clients: Vec<SocketAddr> = ambassador::simulate::clients(10_000, false, 7).collect();
     let svc = f.plan.service("web4").unwrap().clone();
+    let userspace = ambassador::dataplane::userspace::ServiceRuntime {
+        plan: svc.clone(),
+        limits: Default::default(),
+        tls: None,
+        redirect_http: None,
+    };
     let mut per_backend = std::collections::HashMap::new();
     for c in &clients {
         let input = Spec::tcp(&c.to_string(), "10.200.0.100:80");
@@ -533,6 +539,8 @@ fn kernel_picks_what_simulate_picks_for_10000_clients() {
             predicted.ip(),
             "client {c}"
         );
+        // The userspace data plane routes a connection from the same client the same way.
+        assert_eq!(userspace.route(*c), Some(predicted), "client {c}");
         *per_backend.entry(kernel_dst).or_insert(0u32) += 1;
     }
     // And the split itself is the 9:1 the config asks for.
