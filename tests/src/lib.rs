@@ -1,6 +1,7 @@
 //! Test harness: network namespaces the tests create and remove, packet construction with
 //! etherparse (independent of the code under test), and the real `ambassador` binary.
 
+pub mod bench;
 pub mod fixture;
 pub mod local;
 pub mod netns;

@@ -31,7 +31,7 @@ enum Cmd {
     Demo,
     /// Benchmarks that print ratios against peers measured in the same run.
     Bench {
-        #[arg(value_parser = ["xdp", "forward"])]
+        #[arg(value_parser = ["xdp", "forward", "tls", "l4"])]
         which: String,
     },
 }
@@ -95,7 +95,8 @@ fn output(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2/ethtool for the network-namespace
-/// tests; nginx as the real HTTP backend; wrk and nftables for `bench forward`.
+/// tests; nginx as the real HTTP backend; openssl for the TLS interop tests; wrk and nftables
+/// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -106,6 +107,10 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "nftables",
     "procps",
+    "openssl",
+    "stunnel4",
+    "hitch",
+    "haproxy",
 ];
 
 fn setup() -> Result<()> {
@@ -134,7 +139,10 @@ fn setup() -> Result<()> {
     }
     // Packages may start services on install; the tests start their own instances.
     let _ = Command::new("sh")
-        .args(["-c", "pkill -x nginx; true"])
+        .args([
+            "-c",
+            "pkill -x nginx; pkill -x haproxy; pkill -x hitch; true",
+        ])
         .status();
 
     let installed = output(
