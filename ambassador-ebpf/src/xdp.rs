@@ -253,7 +253,8 @@ fn l4_check_off(proto: u8) -> usize {
 fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
     // Ports, and the checksum field we may rewrite, must be inside the packet.
     let min = if pkt.proto == PROTO_TCP { 20 } else { 8 };
-    if ctx.data() + pkt.l4 + min > ctx.data_end() {
+    // Within the IP datagram, not just the frame: a header cut by the IP length is malformed.
+    if (pkt.l4 - pkt.l3) + min > pkt.len as usize || ctx.data() + pkt.l4 + min > ctx.data_end() {
         return Err(());
     }
     let sport: u16 = load(ctx, pkt.l4)?;
@@ -636,6 +637,11 @@ fn translate_icmp_error(ctx: &XdpContext, pkt: &Packet) -> Result<bool, ()> {
     if iproto != PROTO_TCP && iproto != PROTO_UDP {
         count(Stat::PassNotOurs);
         return Ok(false);
+    }
+    // Everything we rewrite in the quote must lie inside the ICMP message (the outer IP
+    // datagram), or the checksum would cover bytes that are not part of it.
+    if il4 + 4 > pkt.l3 + pkt.len as usize {
+        return Err(());
     }
     let isport: u16 = load(ctx, il4)?;
     let idport: u16 = load(ctx, il4 + 2)?;

@@ -618,3 +618,30 @@ fn packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack() {
     // Small packets still take the fast path.
     assert_eq!(f.run(&small.build()).0, XDP_REDIRECT);
 }
+
+#[test]
+fn l4_header_cut_by_the_ip_length_passes_untouched() {
+    // Found by the packet fuzzer: the frame holds a whole UDP header, but the IP payload length
+    // says 7 bytes, so the datagram is malformed and must not be rewritten.
+    let mut f = Fixture::new();
+    for spec in [
+        Spec::udp("[fd00:1::d62]:1275", "[fd00::100]:53"),
+        Spec::udp("198.51.100.40:1275", "10.200.0.100:53"),
+        Spec::tcp("198.51.100.40:1275", "10.200.0.100:80"),
+    ] {
+        let mut pkt = spec.build();
+        if spec.src.is_ipv6() {
+            pkt[14 + 4..14 + 6].copy_from_slice(&7u16.to_be_bytes());
+        } else {
+            let short = if spec.l4 == ambassador_tests::packets::L4::Tcp {
+                20 + 19
+            } else {
+                20 + 7
+            };
+            pkt[14 + 2..14 + 4].copy_from_slice(&(short as u16).to_be_bytes());
+            fix_ipv4_checksum(&mut pkt, 14);
+        }
+        assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()), "{spec:?}");
+    }
+    assert_eq!(f.stat("new_flow"), 0);
+}

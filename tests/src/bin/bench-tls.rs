@@ -110,9 +110,7 @@ fn main() {
     for (name, rps, p99, full, resumed, mem) in &rows {
         println!("{name:<12} {rps:>12.0} {p99:>9.2} {full:>14.0} {resumed:>14.0} {mem:>16.1}");
     }
-    let best = |f: fn(&Row) -> f64| {
-        rows[1..].iter().map(f).fold(f64::MIN, f64::max)
-    };
+    let best = |f: fn(&Row) -> f64| rows[1..].iter().map(f).fold(f64::MIN, f64::max);
     let a = rows[0];
     println!(
         "\nambassador vs the best peer: req/s {:.2}x, full handshakes {:.2}x, resumed {:.2}x; memory per idle connection {:.1} KiB (goal <= 50 KB; lowest peer {:.1} KiB)",
