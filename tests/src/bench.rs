@@ -171,3 +171,30 @@ pub fn raise_fd_limit() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
 }
+
+/// Median of each peer's (req/s, p99) over `rounds` rounds of wrk, the order rotated every round
+/// so no peer always runs first (or warmest).
+pub fn wrk_rounds(
+    urls: &[String],
+    rounds: usize,
+    threads: u32,
+    conns: u32,
+    secs: u32,
+) -> Vec<(f64, f64)> {
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); urls.len()];
+    for r in 0..rounds {
+        for k in 0..urls.len() {
+            let i = (k + r) % urls.len();
+            runs[i].push(wrk(&urls[i], threads, conns, secs));
+        }
+    }
+    runs.into_iter()
+        .map(|mut v| {
+            let mid = v.len() / 2;
+            v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            let rps = v[mid].0;
+            v.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+            (rps, v[mid].1)
+        })
+        .collect()
+}

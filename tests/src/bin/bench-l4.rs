@@ -2,11 +2,12 @@
 //! (mode tcp), and nginx direct, one run: keep-alive HTTP req/s and p99 by wrk.
 
 use ambassador_tests::{
-    bench::{nginx, raise_fd_limit, spawn, wait_port, wrk},
+    bench::{nginx, raise_fd_limit, spawn, wait_port, wrk_rounds},
     local::{free_port, LocalDaemon, TempDir},
 };
 
-const SECS: u32 = 5;
+const SECS: u32 = 3;
+const ROUNDS: usize = 5;
 
 fn main() {
     raise_fd_limit();
@@ -37,16 +38,21 @@ fn main() {
     );
     wait_port(ha_port, "haproxy");
 
-    println!("plain TCP proxying of HTTP keep-alive to one nginx backend on loopback; wrk -t2 -c50 -d{SECS}s\n");
-    let mut rows = Vec::new();
-    for (name, port) in [
+    println!("plain TCP proxying of HTTP keep-alive to one nginx backend on loopback; wrk -t2 -c50 -d{SECS}s, median of {ROUNDS} rotated rounds\n");
+    let peers = [
         ("direct", backend),
         ("ambassador", amb_port),
         ("haproxy", ha_port),
-    ] {
-        let (rps, p99) = wrk(&format!("http://127.0.0.1:{port}/"), 2, 50, SECS);
-        rows.push((name, rps, p99));
-    }
+    ];
+    let urls: Vec<String> = peers
+        .iter()
+        .map(|(_, p)| format!("http://127.0.0.1:{p}/"))
+        .collect();
+    let rows: Vec<(&str, f64, f64)> = peers
+        .iter()
+        .zip(wrk_rounds(&urls, ROUNDS, 2, 50, SECS))
+        .map(|((n, _), (rps, p99))| (*n, rps, p99))
+        .collect();
     println!("{:<12} {:>12} {:>9}", "path", "req/s", "p99 ms");
     for (name, rps, p99) in &rows {
         println!("{name:<12} {rps:>12.0} {p99:>9.2}");
