@@ -72,11 +72,52 @@ pub struct Counters {
     pub idle_closed: AtomicU64,
 }
 
-#[derive(Default)]
+/// One single-threaded runtime per core. Each TCP service has one `SO_REUSEPORT` listener per
+/// worker, so the kernel spreads connections and a connection lives on one thread from accept
+/// to close, as in haproxy and nginx: no cross-thread wake-ups on the data path.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+}
+
+impl Workers {
+    fn start() -> Workers {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let handles = (0..n)
+            .map(|i| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("worker runtime");
+                let h = rt.handle().clone();
+                std::thread::Builder::new()
+                    .name(format!("ambassador-worker-{i}"))
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .expect("worker thread");
+                h
+            })
+            .collect();
+        Workers { handles }
+    }
+}
+
 pub struct UserspaceDataplane {
     listeners: HashMap<Listen, Listener>,
     tracker: TaskTracker,
+    workers: Workers,
     pub counters: Arc<Counters>,
+}
+
+impl Default for UserspaceDataplane {
+    fn default() -> Self {
+        UserspaceDataplane {
+            listeners: HashMap::new(),
+            tracker: TaskTracker::new(),
+            workers: Workers::start(),
+            counters: Arc::default(),
+        }
+    }
 }
 
 impl UserspaceDataplane {
@@ -107,7 +148,12 @@ impl UserspaceDataplane {
                     continue;
                 }
                 match l.proto {
-                    Proto::Tcp => new_tcp.push((l, is_redirect, *listen, bind_tcp(l.addr)?)),
+                    Proto::Tcp => {
+                        let socks = (0..self.workers.handles.len())
+                            .map(|_| bind_tcp(l.addr))
+                            .collect::<Result<Vec<_>>>()?;
+                        new_tcp.push((l, is_redirect, *listen, socks))
+                    }
                     Proto::Udp => new_udp.push((l, bind_udp(l.addr)?)),
                 }
             }
@@ -138,28 +184,44 @@ impl UserspaceDataplane {
             k
         });
         // 4. Start the new ones.
-        for (l, is_redirect, service, sock) in new_tcp {
+        for (l, is_redirect, service, socks) in new_tcp {
             let state = if is_redirect {
                 redirects[&l].clone()
             } else {
                 states[&service].clone()
             };
-            let kind = if is_redirect {
-                Kind::Redirect {
-                    https_port: service.addr.port(),
-                }
-            } else {
-                Kind::Service
-            };
             let stop = CancellationToken::new();
-            self.tracker.spawn(accept_loop(
-                sock,
-                state.clone(),
-                kind,
-                stop.clone(),
-                self.tracker.clone(),
-                self.counters.clone(),
-            ));
+            // max_connections is per service: the workers share one count.
+            let active = Arc::new(AtomicUsize::new(0));
+            for (sock, worker) in socks.into_iter().zip(&self.workers.handles) {
+                let kind = if is_redirect {
+                    Kind::Redirect {
+                        https_port: service.addr.port(),
+                    }
+                } else {
+                    Kind::Service
+                };
+                let (state, stop, tracker, counters, active) = (
+                    state.clone(),
+                    stop.clone(),
+                    self.tracker.clone(),
+                    self.counters.clone(),
+                    active.clone(),
+                );
+                self.tracker.spawn_on(
+                    async move {
+                        // Registered with this worker's reactor.
+                        match TcpListener::from_std(sock) {
+                            Ok(sock) => {
+                                accept_loop(sock, state, kind, stop, tracker, counters, active)
+                                    .await
+                            }
+                            Err(e) => warn!("listener setup failed: {e}"),
+                        }
+                    },
+                    worker,
+                );
+            }
             info!(listen = %l, "userspace data plane accepting");
             self.listeners.insert(l, Listener { state, stop });
         }
@@ -190,13 +252,14 @@ impl UserspaceDataplane {
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -204,7 +267,7 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
     s.bind(&addr.into())
         .with_context(|| format!("binding {addr}/tcp"))?;
     s.listen(4096)?;
-    Ok(TcpListener::from_std(s.into())?)
+    Ok(s.into())
 }
 
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket> {
@@ -230,8 +293,8 @@ async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
     counters: Arc<Counters>,
+    active: Arc<AtomicUsize>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
