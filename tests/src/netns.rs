@@ -8,6 +8,31 @@ use std::{
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+static REAPED: std::sync::Once = std::sync::Once::new();
+
+/// Remove namespaces left by test processes that died before their cleanup ran (their names
+/// carry the pid that created them).
+fn reap_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let pid = name
+            .strip_prefix("amb-")
+            .and_then(|rest| rest.split('-').nth(1));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "ip netns pids {name} | xargs -r kill -9; ip netns del {name}"
+                    ))
+                    .output();
+            }
+        }
+    }
+}
 
 pub struct Netns {
     pub name: String,
@@ -32,6 +57,7 @@ pub fn sh(cmd: &str) -> String {
 impl Netns {
     /// A fresh namespace with loopback up; `tag` goes into its name to make leftovers obvious.
     pub fn new(tag: &str) -> Netns {
+        REAPED.call_once(reap_stale);
         let name = format!(
             "amb-{tag}-{}-{}",
             std::process::id(),
