@@ -4,7 +4,7 @@
 //! with them but does not generate them).
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     sync::Arc,
@@ -188,47 +188,19 @@ pub fn https_get(
     let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     tls.write_all(b"GET / HTTP/1.1\r\nHost: ambassador\r\nConnection: close\r\n\r\n")?;
-    let mut resp = Vec::new();
-    // The backend answers with Content-Length and the proxy closes after it closes; read the
-    // head and body by length rather than to EOF.
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&resp[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if resp.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&resp[end + 4..end + 4 + len])
-                    .trim()
-                    .to_string();
-                let (server_cert, version) = {
-                    let c = &tls.conn;
-                    (
-                        c.peer_certificates().unwrap()[0].clone().into_owned(),
-                        c.protocol_version().unwrap(),
-                    )
-                };
-                return Ok(Https {
-                    local,
-                    body,
-                    server_cert,
-                    version,
-                });
-            }
-        }
-        let n = tls.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::Error::other(format!(
-                "closed early: {:?}",
-                String::from_utf8_lossy(&resp)
-            )));
-        }
-        resp.extend_from_slice(&chunk[..n]);
+    let resp = crate::topology::read_response(&mut tls, &mut Vec::new())?;
+    let (head, body) = String::from_utf8_lossy(&resp)
+        .split_once("\r\n\r\n")
+        .map(|(h, b)| (h.to_string(), b.trim().to_string()))
+        .unwrap_or_default();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("bad status: {head}")));
     }
+    let c = &tls.conn;
+    Ok(Https {
+        local,
+        body,
+        server_cert: c.peer_certificates().unwrap()[0].clone().into_owned(),
+        version: c.protocol_version().unwrap(),
+    })
 }

@@ -402,7 +402,8 @@ pub fn http_get(src: IpAddr, dst: SocketAddr) -> std::io::Result<String> {
     body(&resp)
 }
 
-fn body(resp: &str) -> std::io::Result<String> {
+/// The body of a 200 response.
+pub fn body(resp: &str) -> std::io::Result<String> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {resp:?}")))?;
@@ -430,34 +431,39 @@ impl KeepAlive {
     pub fn get(&mut self) -> std::io::Result<String> {
         self.stream
             .write_all(b"GET / HTTP/1.1\r\nHost: ambassador\r\n\r\n")?;
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                if self.buf.len() >= end + 4 + len {
-                    let resp: Vec<u8> = self.buf.drain(..end + 4 + len).collect();
-                    return body(&String::from_utf8_lossy(&resp));
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::Error::other("connection closed"));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
+        let resp = read_response(&mut self.stream, &mut self.buf)?;
+        body(&String::from_utf8_lossy(&resp))
     }
 }
 
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
+/// Read one HTTP/1.1 response framed by Content-Length from `r`, keeping bytes past it in `buf`
+/// for the next response on the connection.
+pub fn read_response<R: std::io::Read>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Ok(buf.drain(..end + 4 + len).collect());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::other(format!(
+                "connection closed mid-response: {:?}",
+                String::from_utf8_lossy(buf)
+            )));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Share of `name` among successful bodies.
