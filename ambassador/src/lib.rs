@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod proxy_protocol;
 pub mod select;
+pub mod shard;
 pub mod simulate;
 pub mod status;
 pub mod tls;

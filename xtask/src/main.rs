@@ -96,7 +96,8 @@ fn output(cmd: &str, args: &[&str]) -> String {
 
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2/ethtool for the network-namespace
 /// tests; nginx as the real HTTP backend; openssl for the TLS interop tests; wrk and nftables
-/// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`.
+/// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`;
+/// nutcracker and redis-server for the Redis placement golden tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -111,6 +112,9 @@ const APT_PACKAGES: &[&str] = &[
     "stunnel4",
     "hitch",
     "haproxy",
+    "nutcracker",
+    "redis-server",
+    "redis-tools",
 ];
 
 fn setup() -> Result<()> {
