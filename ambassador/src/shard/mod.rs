@@ -5,6 +5,7 @@
 
 pub mod dist;
 pub mod hash;
+pub mod resp;
 
 pub use dist::{Distribution, Server};
 pub use hash::Hash;
