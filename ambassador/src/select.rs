@@ -15,7 +15,7 @@
 //! ejecting a backend moves exactly the slots it owned, adding one moves only the slots it wins,
 //! and a weight change moves slots only to or from the backend whose weight changed.
 
-use ambassador_ebpf::{flow_slot, xxh32_40, NO_BACKEND, TABLE_SIZE};
+use ambassador_ebpf::{flow_slot, xxh32_40, FlowKey, NO_BACKEND, TABLE_SIZE};
 
 /// One backend's place in the table: a stable identity and a weight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,30 +80,19 @@ pub struct Selector {
     pub table: Table,
 }
 
-/// A flow as the data plane sees it; addresses and ports in wire form (see `ambassador_ebpf`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowTuple {
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub family: u8,
-}
-
-impl FlowTuple {
-    /// Build from socket addresses (host form).
-    pub fn new(src: std::net::SocketAddr, dst: std::net::SocketAddr, proto: u8) -> FlowTuple {
-        let (src_w, family) = wire_addr(src.ip());
-        let (dst_w, _) = wire_addr(dst.ip());
-        FlowTuple {
-            src: src_w,
-            dst: dst_w,
-            sport: ambassador_ebpf::wire_port(src.port()),
-            dport: ambassador_ebpf::wire_port(dst.port()),
-            proto,
-            family,
-        }
+/// The flow a packet or connection belongs to, from socket addresses (host form): the kernel's
+/// own [`FlowKey`], so userspace hashes exactly what the XDP program hashes.
+pub fn flow_key(src: std::net::SocketAddr, dst: std::net::SocketAddr, proto: u8) -> FlowKey {
+    let (src_w, family) = wire_addr(src.ip());
+    let (dst_w, _) = wire_addr(dst.ip());
+    FlowKey {
+        src: src_w,
+        dst: dst_w,
+        sport: ambassador_ebpf::wire_port(src.port()),
+        dport: ambassador_ebpf::wire_port(dst.port()),
+        proto,
+        family,
+        _pad: 0,
     }
 }
 
@@ -128,7 +117,7 @@ pub fn service_seed(name: &str) -> u32 {
 
 impl Selector {
     /// The table slot of a flow.
-    pub fn slot(&self, f: &FlowTuple) -> u32 {
+    pub fn slot(&self, f: &FlowKey) -> u32 {
         flow_slot(
             self.key_mode,
             self.seed,
@@ -142,7 +131,7 @@ impl Selector {
     }
 
     /// The member index a new flow goes to, or `None` when the service has no backend.
-    pub fn pick(&self, f: &FlowTuple) -> Option<usize> {
+    pub fn pick(&self, f: &FlowKey) -> Option<usize> {
         match self.table.at(self.slot(f)) {
             NO_BACKEND => None,
             i => Some(i as usize),
@@ -173,13 +162,11 @@ mod tests {
     fn shares(sel: &Selector, n: usize, count: u32) -> Vec<f64> {
         let mut c = vec![0u64; n];
         for k in keys(count) {
-            let f = FlowTuple {
+            let f = FlowKey {
                 src: [k, 0, 0, 0],
-                dst: [0; 4],
-                sport: 0,
-                dport: 0,
                 proto: 6,
                 family: 4,
+                ..FlowKey::default()
             };
             c[sel.pick(&f).unwrap()] += 1;
         }
@@ -286,7 +273,7 @@ mod tests {
     #[test]
     fn empty_service_has_no_backend() {
         let sel = selector(&[]);
-        let f = FlowTuple::new(
+        let f = flow_key(
             "10.0.0.1:1234".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
             6,
@@ -301,7 +288,7 @@ mod tests {
             ..selector(&[1, 1, 1, 1])
         };
         let dst = "10.0.0.2:80".parse().unwrap();
-        let pick = |s: &str| sel.pick(&FlowTuple::new(s.parse().unwrap(), dst, 6));
+        let pick = |s: &str| sel.pick(&flow_key(s.parse().unwrap(), dst, 6));
         assert_eq!(pick("192.0.2.1:1000"), pick("192.0.2.254:2000"));
         let distinct: std::collections::HashSet<_> = (0..64)
             .map(|i| pick(&format!("192.0.{i}.1:1000")))

@@ -9,7 +9,7 @@ pub mod userspace;
 
 use crate::{
     config::{BackendConfig, Config, Listen, SplitKey},
-    select::{service_seed, FlowTuple, Member, Selector, Table},
+    select::{flow_key, service_seed, Member, Selector, Table},
 };
 
 /// One service, ready to program.
@@ -27,7 +27,7 @@ pub struct ServicePlan {
 impl ServicePlan {
     /// The backend a new flow from `client` picks, or `None` for a service without backends.
     pub fn pick(&self, client: std::net::SocketAddr) -> Option<&BackendConfig> {
-        let f = FlowTuple::new(client, self.listen.addr, self.listen.proto.number());
+        let f = flow_key(client, self.listen.addr, self.listen.proto.number());
         self.selector.pick(&f).map(|i| &self.backends[i])
     }
 }
