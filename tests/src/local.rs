@@ -193,25 +193,31 @@ fn serve(mut s: TcpStream, name: &str, seen: &Mutex<Vec<Seen>>) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let mut first = true;
-    loop {
-        // Wait for a whole request head.
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+    let mut more = |s: &mut TcpStream, buf: &mut Vec<u8>| match s.read(&mut chunk) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
         }
-        let start = buf.windows(4).position(|w| w == b"GET ").unwrap_or(0);
-        let preamble = buf[..start].to_vec();
-        let client = if first {
-            client_from(&preamble).unwrap_or(peer.ip())
-        } else {
-            peer.ip()
-        };
-        if first {
-            seen.lock().unwrap().push(Seen { peer, preamble });
-            first = false;
+    };
+    // A PROXY header first, if one comes: its length is known from its own bytes (the v2
+    // signature itself starts with CRLF CRLF, so it must not be mistaken for a request head).
+    let preamble_len = loop {
+        if let Some(n) = proxy_header_len(&buf) {
+            break n;
+        }
+        if !more(&mut s, &mut buf) {
+            return;
+        }
+    };
+    let preamble = buf.drain(..preamble_len).collect::<Vec<u8>>();
+    let client = client_from(&preamble).unwrap_or(peer.ip());
+    seen.lock().unwrap().push(Seen { peer, preamble });
+    loop {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            if !more(&mut s, &mut buf) {
+                return;
+            }
         }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         buf.drain(..end);
@@ -224,6 +230,26 @@ fn serve(mut s: TcpStream, name: &str, seen: &Mutex<Vec<Seen>>) {
             return;
         }
     }
+}
+
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Length of the PROXY header at the start of `buf`: Some(0) when there is none, None when
+/// more bytes are needed to tell.
+fn proxy_header_len(buf: &[u8]) -> Option<usize> {
+    let n = buf.len().min(V2_SIGNATURE.len());
+    if buf[..n] == V2_SIGNATURE[..n] {
+        if buf.len() < 16 {
+            return None;
+        }
+        let len = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        return (buf.len() >= len).then_some(len);
+    }
+    let n = buf.len().min(6);
+    if buf[..n] == b"PROXY "[..n] {
+        return buf.windows(2).position(|w| w == b"\r\n").map(|p| p + 2);
+    }
+    Some(0)
 }
 
 /// The client address a PROXY v1/v2 header names.
