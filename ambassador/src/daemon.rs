@@ -68,6 +68,9 @@ pub struct State {
     pub ids: Ids,
     /// The last rejected config's (or certificate reload's) error, cleared by the next success.
     pub last_error: Option<String>,
+    /// Counters of the userspace paths (TLS sidecar, userspace data plane), refreshed every second.
+    #[serde(default)]
+    pub userspace: Vec<(String, u64)>,
 }
 
 impl State {
@@ -312,7 +315,8 @@ impl Daemon {
         self.publish();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.state.userspace = self.userspace.counters.snapshot();
         if let Err(e) = self.state.write(&self.opts.state_dir) {
             warn!("could not write state: {e:#}");
         }
@@ -381,6 +385,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             config: cfg.clone(),
             ids: Ids::default(),
             last_error: None,
+            userspace: Vec::new(),
         },
         opts: opts.clone(),
         kernel,
@@ -410,8 +415,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut tls_files = d.tls_files();
     let mut tls_changes = watch(&tls_files)?;
     let mut last_text = std::fs::read(&opts.config).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = tick.tick() => d.publish(),
             _ = hup.recv() => {
                 d.reload("SIGHUP", &mut last_text, true).await;
                 d.reload_certificates();

@@ -16,7 +16,10 @@ pub struct StatusReport {
     pub interfaces: Vec<String>,
     pub last_error: Option<String>,
     pub services: Vec<ServiceStatus>,
+    /// Kernel counters (XDP data plane only; empty otherwise).
     pub kernel: Vec<(String, u64)>,
+    /// Counters of the TLS sidecar and the userspace data plane.
+    pub userspace: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +102,12 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         interfaces: state.interfaces,
         last_error: state.last_error,
         services,
-        kernel: stats.global,
+        kernel: if state.pin_dir.is_some() {
+            stats.global
+        } else {
+            Vec::new()
+        },
+        userspace: state.userspace,
     })
 }
 
@@ -164,8 +172,19 @@ pub fn render(r: &StatusReport) -> String {
             );
         }
     }
-    let _ = writeln!(o, "\nkernel:");
-    for (k, v) in &r.kernel {
+    if r.kernel.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n(per-backend packets, bytes and new flows are counted by XDP; this daemon runs the userspace data plane)"
+        );
+    } else {
+        let _ = writeln!(o, "\nkernel:");
+        for (k, v) in &r.kernel {
+            let _ = writeln!(o, "  {k:<20} {v}");
+        }
+    }
+    let _ = writeln!(o, "\nuserspace (TLS sidecar, userspace data plane):");
+    for (k, v) in &r.userspace {
         let _ = writeln!(o, "  {k:<20} {v}");
     }
     o

@@ -157,7 +157,7 @@ fn idle_connections_are_closed_after_idle_timeout() {
 fn connections_over_max_connections_are_refused_and_others_unaffected() {
     let backend = HttpBackend::start("b");
     let port = free_port();
-    let _d = LocalDaemon::start(&plain(port, backend.addr, "max_connections: 2"));
+    let d = LocalDaemon::start(&plain(port, backend.addr, "max_connections: 2"));
     let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert!(request(&mut a).is_ok() && request(&mut b).is_ok());
@@ -169,8 +169,16 @@ fn connections_over_max_connections_are_refused_and_others_unaffected() {
     assert!(request(&mut a).is_ok(), "an admitted connection suffered");
     drop(a);
     std::thread::sleep(Duration::from_millis(200));
-    let mut d = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    assert!(request(&mut d).is_ok(), "a freed slot was not reusable");
+    let mut e = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(request(&mut e).is_ok(), "a freed slot was not reusable");
+    // status reports the refusal (the daemon publishes its counters every second).
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "refusal counted", || {
+        d.status()["userspace"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p[0] == "refused_over_limit" && p[1].as_u64() >= Some(1))
+    });
 }
 
 #[test]

@@ -62,7 +62,7 @@ struct Listener {
     stop: CancellationToken,
 }
 
-/// Counters the daemon reports.
+/// Counters the daemon publishes for `status`.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub accepted: AtomicU64,
@@ -70,6 +70,22 @@ pub struct Counters {
     pub handshake_failures: AtomicU64,
     pub backend_failures: AtomicU64,
     pub idle_closed: AtomicU64,
+}
+
+impl Counters {
+    /// (name, value) pairs, in a fixed order.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        [
+            ("accepted", &self.accepted),
+            ("refused_over_limit", &self.refused_over_limit),
+            ("handshake_failures", &self.handshake_failures),
+            ("backend_failures", &self.backend_failures),
+            ("idle_closed", &self.idle_closed),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed)))
+        .collect()
+    }
 }
 
 /// One single-threaded runtime per core. Each TCP service has one `SO_REUSEPORT` listener per
