@@ -4,7 +4,7 @@
 use std::{
     net::TcpStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -21,16 +21,7 @@ impl Drop for Proc {
 }
 
 pub fn spawn(cmd: &str, log: &Path) -> Proc {
-    let f = std::fs::File::create(log).unwrap();
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("exec {cmd}"))
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    Proc(child)
+    Proc(crate::netns::spawn_logged(cmd, log))
 }
 
 pub fn wait_port(port: u16, what: &str) {

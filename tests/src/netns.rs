@@ -89,15 +89,10 @@ impl Netns {
 
     /// Start a background process inside the namespace, its output to `log`.
     pub fn spawn(&self, cmd: &str, log: &std::path::Path) -> Child {
-        let f = File::create(log).expect("log file");
-        self.command("sh")
-            .arg("-c")
-            .arg(format!("exec {cmd}"))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd}: {e}"))
+        spawn_logged(
+            &format!("nsenter --net=/run/netns/{} {cmd}", self.name),
+            log,
+        )
     }
 
     /// Move the calling thread into the namespace until the guard drops.
@@ -109,6 +104,19 @@ impl Netns {
         assert_eq!(rc, 0, "setns into {}", self.name);
         Entered { own }
     }
+}
+
+/// Start `cmd` (a shell command line) in the background, stdout and stderr to `log`.
+pub fn spawn_logged(cmd: &str, log: &std::path::Path) -> Child {
+    let f = File::create(log).expect("log file");
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {cmd}"))
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd}: {e}"))
 }
 
 impl Drop for Netns {
