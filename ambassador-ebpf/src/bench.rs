@@ -66,9 +66,12 @@ fn restore(ctx: &XdpContext) -> bool {
     let Some(orig) = BENCH_PACKET.get(0) else {
         return false;
     };
-    let p = start as *mut [u64; BENCH_RESTORE_LEN / 8];
-    // SAFETY: BENCH_RESTORE_LEN bytes are inside the packet, checked above.
-    unsafe { p.write_unaligned(*orig) };
+    let p = start as *mut u64;
+    for (i, w) in orig.iter().enumerate() {
+        // SAFETY: BENCH_RESTORE_LEN bytes are inside the packet, checked above; volatile keeps
+        // the word stores from becoming a byte-loop memmove call.
+        unsafe { p.add(i).write_volatile(*w) };
+    }
     true
 }
 

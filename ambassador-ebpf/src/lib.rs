@@ -159,10 +159,14 @@ pub struct Flow {
     pub fib_ifindex: u32,
     /// When the FIB result was cached, in [`fib_clock`] units.
     pub fib_stamp: u32,
+    /// The Ethernet header's first 8 bytes for this route (next hop's MAC, then the first two
+    /// bytes of ours), as loaded from the packet; scalars, not a `[u8; 12]`, because BPF
+    /// lowers array copies and zeroing to byte-loop calls.
+    pub fib_mac_head: u64,
+    /// The header's bytes 8..12 (the rest of our MAC).
+    pub fib_mac_tail: u32,
     /// The largest IP length the cached route was checked for (MTU); longer packets look up again.
     pub fib_len: u16,
-    pub fib_dmac: [u8; 6],
-    pub fib_smac: [u8; 6],
     pub _pad2: u16,
 }
 
