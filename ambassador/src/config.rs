@@ -41,13 +41,25 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
+impl Config {
+    /// The services the L4 data planes (XDP, userspace) carry: all but the sharding ones.
+    pub fn l4_services(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.services.iter().filter(|s| s.redis.is_none())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
     /// `ADDRESS:PORT/PROTO`, e.g. `10.200.0.100:80/tcp` or `[fd00::100]:80/udp`.
     pub listen: Listen,
+    /// The L4 split (XDP or the userspace data plane); absent for a `redis` service.
+    #[serde(default, skip_serializing_if = "Split::is_empty")]
     pub split: Split,
+    /// A sharding ambassador for Redis (twemproxy's placement); replaces `split`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
     /// Terminate TLS here (the TLS sidecar) and forward plaintext to the chosen backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -147,7 +159,7 @@ pub enum ProxyProtocol {
     V2,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Split {
     #[serde(default)]
@@ -157,6 +169,85 @@ pub struct Split {
     #[serde(default)]
     pub seed: Option<u32>,
     pub backends: Vec<BackendConfig>,
+}
+
+impl Split {
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.seed.is_none() && self.key == SplitKey::default()
+    }
+}
+
+/// A Redis sharding ambassador, with twemproxy's keys and meanings (`timeout_ms` and friends
+/// keep their names so a nutcracker.yml translates one to one).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    #[serde(default = "default_hash")]
+    pub hash: crate::shard::Hash,
+    #[serde(default = "default_distribution")]
+    pub distribution: crate::shard::dist::Kind,
+    /// Two characters, e.g. `"{}"`: only the text between them is hashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_tag: Option<String>,
+    /// A request not answered within this many milliseconds gets an error reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Take a failing shard out of the ring (its keys move to the others) until it retries.
+    #[serde(default)]
+    pub auto_eject_hosts: bool,
+    #[serde(default = "default_retry_ms")]
+    pub server_retry_timeout_ms: u64,
+    #[serde(default = "default_failure_limit")]
+    pub server_failure_limit: u32,
+    /// Clients must `AUTH` with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// The ambassador `AUTH`s to the shards with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_password: Option<String>,
+    pub shards: Vec<ShardConfig>,
+}
+
+fn default_hash() -> crate::shard::Hash {
+    crate::shard::Hash::Fnv1a_64
+}
+fn default_distribution() -> crate::shard::dist::Kind {
+    crate::shard::dist::Kind::Ketama
+}
+fn default_retry_ms() -> u64 {
+    30_000
+}
+fn default_failure_limit() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// twemproxy's server name: what ketama hashes instead of `host:port` when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub address: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+impl ShardConfig {
+    /// The shard as the placement code names it.
+    pub fn server(&self) -> crate::shard::Server {
+        crate::shard::Server {
+            name: self.name.clone(),
+            host: self.address.ip().to_string(),
+            port: self.address.port(),
+            weight: self.weight,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -454,6 +545,10 @@ impl Config {
                     "set at least 1 (default 10000)".into(),
                 ));
             }
+            if let Some(r) = &s.redis {
+                validate_redis(&at, s, r)?;
+                continue;
+            }
             let mut bnames = HashSet::new();
             for (j, b) in s.split.backends.iter().enumerate() {
                 let bat = format!("{at}.split.backends[{j}]");
@@ -510,6 +605,85 @@ impl Config {
         }
         Ok(())
     }
+}
+
+type Invalid = (String, Option<String>, String, String);
+
+fn validate_redis(at: &str, s: &ServiceConfig, r: &RedisConfig) -> Result<(), Invalid> {
+    let needle = Some("redis:".to_string());
+    if !s.split.is_empty() {
+        return Err((
+            format!("{at}.split"),
+            Some("split:".into()),
+            "a service either splits connections (`split`) or shards keys (`redis`), not both"
+                .into(),
+            "move the backends to `redis.shards`, or make two services".into(),
+        ));
+    }
+    if s.tls.is_some() || s.listen.proto != Proto::Tcp {
+        return Err((
+            format!("{at}.listen"),
+            Some(s.listen.to_string()),
+            "a redis service is plain TCP".into(),
+            "use `/tcp` in `listen` and remove `tls`".into(),
+        ));
+    }
+    if r.shards.is_empty() {
+        return Err((
+            format!("{at}.redis.shards"),
+            needle,
+            "no shards configured".into(),
+            "add `- { address: HOST:PORT }` entries under `shards`".into(),
+        ));
+    }
+    if let Some(t) = &r.hash_tag {
+        if t.len() != 2 {
+            return Err((
+                format!("{at}.redis.hash_tag"),
+                Some("hash_tag".into()),
+                format!("hash_tag `{t}` is not two characters"),
+                "write the opening and closing character, e.g. `\"{}\"`".into(),
+            ));
+        }
+    }
+    if r.timeout_ms == Some(0) || r.server_failure_limit == 0 {
+        return Err((
+            format!("{at}.redis"),
+            needle,
+            "`timeout_ms` and `server_failure_limit` must be positive".into(),
+            "remove `timeout_ms` to wait without limit; use 1 or more failures".into(),
+        ));
+    }
+    let mut ids = HashSet::new();
+    for (j, sh) in r.shards.iter().enumerate() {
+        let sat = format!("{at}.redis.shards[{j}]");
+        let needle = Some(sh.address.to_string());
+        if sh.address.port() == 0 || is_unusable(sh.address.ip()) {
+            return Err((
+                format!("{sat}.address"),
+                needle,
+                format!("`{}` cannot be a shard address", sh.address),
+                "write the ADDRESS:PORT the Redis server listens on".into(),
+            ));
+        }
+        if sh.weight == 0 || sh.weight > MAX_WEIGHT {
+            return Err((
+                format!("{sat}.weight"),
+                needle,
+                format!("weight {} is out of range", sh.weight),
+                format!("use a weight from 1 to {MAX_WEIGHT}"),
+            ));
+        }
+        if !ids.insert(sh.id()) {
+            return Err((
+                format!("{sat}.name"),
+                needle,
+                format!("shard `{}` appears twice", sh.id()),
+                "give every shard a distinct name and address".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_unusable(ip: IpAddr) -> bool {

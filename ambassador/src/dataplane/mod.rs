@@ -41,8 +41,7 @@ pub struct Plan {
 impl Plan {
     pub fn build(cfg: &Config) -> Plan {
         let services = cfg
-            .services
-            .iter()
+            .l4_services()
             .map(|s| {
                 let members: Vec<Member> = s
                     .split
