@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub dataplane: DataplaneMode,
     pub state_dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// The sharding services' stats port (bound when the config has `redis` services).
+    pub stats_listen: SocketAddr,
 }
 
 /// What the daemon publishes in `STATE_DIR/state.json` for `status`.
@@ -71,6 +73,9 @@ pub struct State {
     /// Counters of the userspace paths (TLS sidecar, userspace data plane), refreshed every second.
     #[serde(default)]
     pub userspace: Vec<(String, u64)>,
+    /// The sharding services' stats, as twemproxy's stats port shows them.
+    #[serde(default)]
+    pub shards: serde_json::Value,
 }
 
 impl State {
@@ -195,6 +200,9 @@ struct Daemon {
     opts: RunOptions,
     kernel: Option<KernelDataplane>,
     userspace: UserspaceDataplane,
+    shards: crate::shard::proxy::Pools,
+    shard_stats: Arc<arc_swap::ArcSwap<serde_json::Value>>,
+    started: std::time::Instant,
     sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
     local: LocalAddresses,
     state: State,
@@ -207,7 +215,7 @@ impl Daemon {
         let all = self.kernel.is_none();
         let mut sidecars = HashMap::new();
         let mut out = Vec::new();
-        for (s, p) in cfg.services.iter().zip(&plan.services) {
+        for (s, p) in cfg.l4_services().zip(&plan.services) {
             if !(all || p.userspace) {
                 continue;
             }
@@ -239,6 +247,10 @@ impl Daemon {
 
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
         let plan = Plan::build(cfg);
+        for s in cfg.services.iter().filter(|s| s.redis.is_some()) {
+            self.local.ensure(s.listen.addr.ip())?;
+        }
+        self.shards.apply(cfg).await?;
         let runtimes = self.runtimes(cfg, &plan)?;
         self.userspace.apply(runtimes).await?;
         match &mut self.kernel {
@@ -317,6 +329,11 @@ impl Daemon {
 
     fn publish(&mut self) {
         self.state.userspace = self.userspace.counters.snapshot();
+        if !self.shards.is_empty() {
+            let doc = self.shards.stats_json(self.started.elapsed());
+            self.shard_stats.store(Arc::new(doc.clone()));
+            self.state.shards = doc;
+        }
         if let Err(e) = self.state.write(&self.opts.state_dir) {
             warn!("could not write state: {e:#}");
         }
@@ -386,14 +403,33 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             ids: Ids::default(),
             last_error: None,
             userspace: Vec::new(),
+            shards: serde_json::Value::Null,
         },
         opts: opts.clone(),
         kernel,
         userspace: UserspaceDataplane::new(),
+        shards: Default::default(),
+        shard_stats: Default::default(),
+        started: std::time::Instant::now(),
         sidecars: HashMap::new(),
         local: LocalAddresses::default(),
     };
     d.state.ids = d.apply(&cfg).await?;
+    if cfg.services.iter().any(|s| s.redis.is_some()) {
+        match tokio::net::TcpListener::bind(opts.stats_listen).await {
+            Ok(l) => {
+                let doc = d.shard_stats.clone();
+                tokio::spawn(crate::shard::proxy::serve_stats(l, move || {
+                    (*doc.load_full()).clone()
+                }));
+                info!(address = %opts.stats_listen, "sharding stats served (twemproxy's format)");
+            }
+            Err(e) => warn!(
+                "sharding stats not served: {}: {e} (choose another with --stats-listen)",
+                opts.stats_listen
+            ),
+        }
+    }
     if let Some(k) = &mut d.kernel {
         for iface in &interfaces {
             k.attach(iface, opts.xdp_mode)?;

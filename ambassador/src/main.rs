@@ -49,6 +49,10 @@ enum Cmd {
         state_dir: PathBuf,
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Where the sharding services' stats are served (twemproxy's JSON: connect and read),
+        /// when the config has `redis` services.
+        #[arg(long, default_value = "127.0.0.1:22222")]
+        stats_listen: std::net::SocketAddr,
     },
     /// Services, backends, weights and kernel counters of the running daemon.
     Status {
@@ -130,6 +134,7 @@ fn real_main(cli: Cli) -> Result<()> {
             dataplane,
             state_dir,
             pin_dir,
+            stats_listen,
         } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => None,
@@ -151,6 +156,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 dataplane,
                 state_dir,
                 pin_dir,
+                stats_listen,
             }))
         }
         Cmd::Status { json, state_dir } => {

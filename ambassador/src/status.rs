@@ -20,6 +20,9 @@ pub struct StatusReport {
     pub kernel: Vec<(String, u64)>,
     /// Counters of the TLS sidecar and the userspace data plane.
     pub userspace: Vec<(String, u64)>,
+    /// The sharding services' stats, in twemproxy's stats-port format.
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub shards: serde_json::Value,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +111,7 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
             Vec::new()
         },
         userspace: state.userspace,
+        shards: state.shards,
     })
 }
 
@@ -163,6 +167,37 @@ pub fn render(r: &StatusReport) -> String {
                 "{n:<16} {l:<24} {k:<12} {:<18} {:<24} {:>6} {:>10} {:>12} {:>10} {share:>7}",
                 b.name, b.address, b.weight, b.packets, b.bytes, b.new_flows
             );
+        }
+        if let Some(pool) = r.shards.get(&s.name) {
+            let _ = writeln!(
+                o,
+                "{:<16} {:<24} redis sharding ambassador:",
+                s.name, s.listen
+            );
+            let _ = writeln!(
+                o,
+                "    {:<24} {:>10} {:>10} {:>8} {:>9} {:>8}",
+                "SHARD", "REQUESTS", "RESPONSES", "ERRORS", "TIMEDOUT", "EJECTED"
+            );
+            if let Some(m) = pool.as_object() {
+                for (name, v) in m.iter().filter(|(_, v)| v.is_object()) {
+                    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+                    let _ = writeln!(
+                        o,
+                        "    {name:<24} {:>10} {:>10} {:>8} {:>9} {:>8}",
+                        n("requests"),
+                        n("responses"),
+                        n("server_err") + n("server_eof"),
+                        n("server_timedout"),
+                        if n("server_ejected_at") > 0 {
+                            "yes"
+                        } else {
+                            "-"
+                        }
+                    );
+                }
+            }
+            continue;
         }
         if s.backends.is_empty() {
             let _ = writeln!(

@@ -3,8 +3,10 @@
 //! twemproxy user switches without moving a key. The golden tests in `tests/tests/shard.rs`
 //! check every hash and distribution against the real nutcracker and redis-server.
 
+pub mod command;
 pub mod dist;
 pub mod hash;
+pub mod proxy;
 pub mod resp;
 
 pub use dist::{Distribution, Server};
