@@ -91,12 +91,12 @@ impl Counters {
 /// One single-threaded runtime per core. Each TCP service has one `SO_REUSEPORT` listener per
 /// worker, so the kernel spreads connections and a connection lives on one thread from accept
 /// to close, as in haproxy and nginx: no cross-thread wake-ups on the data path.
-struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
+pub(crate) struct Workers {
+    pub(crate) handles: Vec<tokio::runtime::Handle>,
 }
 
 impl Workers {
-    fn start() -> Workers {
+    pub(crate) fn start() -> Workers {
         let n = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -268,7 +268,7 @@ impl UserspaceDataplane {
     }
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener> {
+pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,

@@ -1,22 +1,25 @@
 //! The Redis sharding ambassador: clients talk to one address as if to one Redis; each key's
 //! command goes to the shard twemproxy would pick.
 //!
-//! Each client connection is a task on the daemon's multi-threaded runtime (twemproxy runs one
-//! thread), with its own connection to each shard. A pipelined batch of commands is split by
-//! shard, written to every shard it touches before any reply is awaited, and the replies are
-//! put back in request order; multi-key commands (MGET, DEL, EXISTS, TOUCH, UNLINK, MSET) are
-//! split per shard and reassembled. A shard that fails, times out or closes fails only the
+//! One worker thread per core (twemproxy runs one thread), each with its own listener
+//! (`SO_REUSEPORT`) and one connection per shard that all of its clients share, as twemproxy's
+//! server connections: requests of many clients go out in one write and their replies come
+//! back in one read, handed to each client in order. A client's pipelined batch is split by
+//! shard and every part queued before any reply is awaited; multi-key commands (MGET, DEL,
+//! EXISTS, TOUCH, UNLINK, MSET) are split per shard and reassembled. A shard that fails, times out or closes fails only the
 //! requests that went to it; with `auto_eject_hosts` it leaves the ring after
 //! `server_failure_limit` consecutive failures and is retried after `server_retry_timeout_ms`.
 
 use std::{
+    collections::VecDeque,
     io::Cursor,
     net::SocketAddr,
     ops::Range,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
+    task::{Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -24,6 +27,7 @@ use arc_swap::ArcSwap;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::Notify,
 };
 use tracing::{debug, warn};
 
@@ -204,83 +208,319 @@ impl Pool {
     }
 }
 
-/// A connection to one shard, owned by one client session.
-struct ShardConn {
-    stream: TcpStream,
-    rbuf: Vec<u8>,
-    /// Start of the first reply not yet consumed in this batch.
-    rpos: usize,
+/// A reply awaited by a client: filled by the shard link's reader, in the link's FIFO order.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
 }
 
-async fn connect(pool: &Pool, shard: usize) -> Result<ShardConn, String> {
+#[derive(Default)]
+struct SlotState {
+    reply: Option<Result<Vec<u8>, String>>,
+    waker: Option<Waker>,
+}
+
+impl Slot {
+    fn fill(&self, r: Result<Vec<u8>, String>) {
+        let w = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.reply = Some(r);
+            s.waker.take()
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) -> Result<Vec<u8>, String> {
+        std::future::poll_fn(|cx| {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match s.reply.take() {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    s.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// One connection to one shard, shared by every client of one worker thread (twemproxy's
+/// server connection): requests from many clients are written together and the replies are
+/// handed back in order, so a write and a read serve many requests.
+struct Link {
+    shard: usize,
+    inner: Mutex<LinkInner>,
+    /// The shard socket's write half, once connected: clients write to it directly when the
+    /// writer task is idle (one task switch less per request).
+    wr: std::sync::OnceLock<tokio::net::tcp::OwnedWriteHalf>,
+    wake_writer: Notify,
+    kill: Notify,
+    dead: AtomicBool,
+}
+
+#[derive(Default)]
+struct LinkInner {
+    out: Vec<u8>,
+    /// The writer task holds bytes taken from `out`: nobody else may write before it is done.
+    writing: bool,
+    waiting: VecDeque<Arc<Slot>>,
+    /// Why the link died; later requests fail with it.
+    failed: Option<String>,
+}
+
+impl Link {
+    /// Queue a request; its reply will fill the returned slot.
+    fn enqueue(&self, bytes: &[u8]) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match &g.failed {
+            Some(e) => slot.fill(Err(e.clone())),
+            None => {
+                g.out.extend_from_slice(bytes);
+                g.waiting.push_back(slot.clone());
+            }
+        }
+        slot
+    }
+
+    fn enqueue_args<'a>(
+        &self,
+        args: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> (Arc<Slot>, usize) {
+        let mut buf = Vec::new();
+        command::encode(&mut buf, args);
+        (self.enqueue(&buf), buf.len())
+    }
+
+    /// Send what is queued: directly, without blocking, when the writer task is idle and the
+    /// socket takes it all; else the writer task is woken to finish.
+    fn flush(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.writing {
+            if let Some(w) = self.wr.get() {
+                while !g.out.is_empty() {
+                    match w.try_write(&g.out) {
+                        Ok(n) => {
+                            g.out.drain(..n);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        let pending = !g.out.is_empty();
+        drop(g);
+        if pending {
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Fail everything in flight and refuse what comes next.
+    fn fail(&self, why: String) {
+        self.dead.store(true, Relaxed);
+        let waiting = {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if g.failed.is_none() {
+                g.failed = Some(why.clone());
+            }
+            g.out.clear();
+            std::mem::take(&mut g.waiting)
+        };
+        for s in waiting {
+            s.fill(Err(why.clone()));
+        }
+        self.kill.notify_one();
+    }
+}
+
+async fn connect(pool: &Pool, shard: usize) -> Result<TcpStream, String> {
     let addr = pool.addrs[shard];
     let t = pool.timeout().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let stream = match tokio::time::timeout(t, TcpStream::connect(addr)).await {
+    let mut stream = match tokio::time::timeout(t, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("shard {addr} unavailable: {e}")),
         Err(_) => return Err(format!("shard {addr} unavailable: connect timed out")),
     };
     let _ = stream.set_nodelay(true);
-    let mut c = ShardConn {
-        stream,
-        rbuf: Vec::with_capacity(16 * 1024),
-        rpos: 0,
-    };
     pool.server_stats[shard]
         .server_connections
         .fetch_add(1, Relaxed);
     if let Some(pw) = &pool.cfg.server_password {
         let mut auth = Vec::new();
         command::encode(&mut auth, [&b"AUTH"[..], pw.as_bytes()].into_iter());
-        c.stream
+        stream
             .write_all(&auth)
             .await
             .map_err(|e| format!("shard {addr}: {e}"))?;
-        let r = c.reply(pool.timeout()).await?;
-        if c.rbuf[r.clone()].starts_with(b"-") {
+        let mut rbuf = Vec::new();
+        let r = loop {
+            let mut c = Cursor::new(&rbuf[..]);
+            match resp::check(&mut c) {
+                Ok(()) => break rbuf[..c.position() as usize].to_vec(),
+                Err(Error::Incomplete) => {}
+                Err(Error::Protocol(m)) => return Err(format!("shard {addr}: bad RESP: {m}")),
+            }
+            let read = stream.read_buf(&mut rbuf);
+            match tokio::time::timeout(t, read).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(format!("shard {addr}: no answer to AUTH")),
+            }
+        };
+        if r.starts_with(b"-") {
             return Err(format!(
                 "shard {addr} refused the server_password: {}",
-                String::from_utf8_lossy(&c.rbuf[r.start + 1..r.end - 2])
+                String::from_utf8_lossy(&r[1..r.len() - 2])
             ));
         }
-        c.finish_batch();
     }
-    Ok(c)
+    Ok(stream)
 }
 
-impl ShardConn {
-    /// The next whole reply, as a range of `rbuf`; Err means the connection is unusable.
-    async fn reply(&mut self, timeout: Option<Duration>) -> Result<Range<usize>, String> {
+/// Connect, then write what clients queue and hand replies back in order, until the shard
+/// fails or the link is killed (a timeout, a reload).
+async fn run_link(pool: Arc<Pool>, link: Arc<Link>) {
+    let s = link.shard;
+    let stream = match connect(&pool, s).await {
+        Ok(st) => st,
+        Err(e) => {
+            debug!(pool = %pool.name, "{e}");
+            pool.server_stats[s].server_err.fetch_add(1, Relaxed);
+            pool.failed(s);
+            link.fail(e);
+            return;
+        }
+    };
+    let (mut rd, wr) = stream.into_split();
+    let _ = link.wr.set(wr);
+    let wr = link.wr.get().expect("just set");
+    let writer = async {
+        let mut spare = Vec::with_capacity(16 * 1024);
         loop {
-            let mut c = Cursor::new(&self.rbuf[self.rpos..]);
-            match resp::check(&mut c) {
-                Ok(()) => {
-                    let r = self.rpos..self.rpos + c.position() as usize;
-                    self.rpos = r.end;
-                    return Ok(r);
+            {
+                let mut g = link.inner.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::swap(&mut g.out, &mut spare);
+                g.writing = !spare.is_empty();
+            }
+            if spare.is_empty() {
+                link.wake_writer.notified().await;
+                continue;
+            }
+            let mut done = 0;
+            while done < spare.len() {
+                if let Err(e) = wr.writable().await {
+                    return format!("shard {}: {e}", pool.addrs[s]);
                 }
-                Err(Error::Incomplete) => {}
-                Err(Error::Protocol(m)) => return Err(format!("shard sent bad RESP: {m}")),
+                match wr.try_write(&spare[done..]) {
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return format!("shard {}: {e}", pool.addrs[s]),
+                }
             }
-            let read = self.stream.read_buf(&mut self.rbuf);
-            let n = match timeout {
-                Some(t) => match tokio::time::timeout(t, read).await {
-                    Ok(r) => r,
-                    Err(_) => return Err("timed out".into()),
-                },
-                None => read.await,
-            };
-            match n {
-                Ok(0) => return Err("shard closed the connection".into()),
+            spare.clear();
+        }
+    };
+    let reader = async {
+        let mut rbuf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        loop {
+            let mut pos = 0;
+            loop {
+                let mut c = Cursor::new(&rbuf[pos..]);
+                match resp::check(&mut c) {
+                    Ok(()) => {
+                        let end = pos + c.position() as usize;
+                        let slot = link
+                            .inner
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .waiting
+                            .pop_front();
+                        let st = &pool.server_stats[s];
+                        st.responses.fetch_add(1, Relaxed);
+                        st.response_bytes.fetch_add((end - pos) as u64, Relaxed);
+                        match slot {
+                            Some(slot) => slot.fill(Ok(rbuf[pos..end].to_vec())),
+                            None => {
+                                return format!(
+                                    "shard {} sent a reply nobody asked for",
+                                    pool.addrs[s]
+                                )
+                            }
+                        }
+                        pos = end;
+                    }
+                    Err(Error::Incomplete) => break,
+                    Err(Error::Protocol(m)) => {
+                        return format!("shard {} sent bad RESP: {m}", pool.addrs[s])
+                    }
+                }
+            }
+            if pos > 0 {
+                pool.succeeded(s);
+                rbuf.drain(..pos);
+            }
+            match rd.read_buf(&mut rbuf).await {
+                Ok(0) => {
+                    pool.server_stats[s].server_eof.fetch_add(1, Relaxed);
+                    return format!("shard {} closed the connection", pool.addrs[s]);
+                }
                 Ok(_) => {}
-                Err(e) => return Err(format!("shard connection failed: {e}")),
+                Err(e) => {
+                    pool.server_stats[s].server_err.fetch_add(1, Relaxed);
+                    return format!("shard {}: {e}", pool.addrs[s]);
+                }
             }
+        }
+    };
+    let why = tokio::select! {
+        w = writer => w,
+        r = reader => r,
+        _ = link.kill.notified() => return,
+    };
+    pool.failed(s);
+    link.fail(why);
+}
+
+/// The shard links of one worker thread, for the pool generation they were made for.
+struct CoreLinks {
+    state: Mutex<(Arc<Pool>, Vec<Option<Arc<Link>>>)>,
+}
+
+impl CoreLinks {
+    fn new(pool: Arc<Pool>) -> CoreLinks {
+        let n = pool.addrs.len();
+        CoreLinks {
+            state: Mutex::new((pool, vec![None; n])),
         }
     }
 
-    fn finish_batch(&mut self) {
-        self.rbuf.drain(..self.rpos);
-        self.rpos = 0;
+    /// A live link to shard `s` of `pool` (made, and its task spawned, when there is none).
+    fn get(&self, pool: &Arc<Pool>, s: usize) -> Arc<Link> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&g.0, pool) {
+            for l in g.1.iter().flatten() {
+                l.fail("the shards were reconfigured".into());
+            }
+            *g = (pool.clone(), vec![None; pool.addrs.len()]);
+        }
+        if let Some(l) = &g.1[s] {
+            if !l.dead.load(Relaxed) {
+                return l.clone();
+            }
+        }
+        let link = Arc::new(Link {
+            shard: s,
+            inner: Mutex::new(LinkInner::default()),
+            wr: std::sync::OnceLock::new(),
+            wake_writer: Notify::new(),
+            kill: Notify::new(),
+            dead: AtomicBool::new(false),
+        });
+        g.1[s] = Some(link.clone());
+        tokio::spawn(run_link(pool.clone(), link.clone()));
+        link
     }
 }
 
@@ -288,27 +528,31 @@ impl ShardConn {
 enum Req {
     /// Answered here.
     Local(Vec<u8>),
-    /// One reply from this shard, passed through.
-    One(usize),
+    /// One reply from a shard, passed through.
+    One(Sent),
     /// MGET: per shard part, the key positions it holds; `n` keys in all.
     Mget {
-        parts: Vec<(usize, Vec<usize>)>,
+        parts: Vec<(Sent, Vec<usize>)>,
         n: usize,
     },
     /// DEL and friends: the sum of every part's count.
-    Count(Vec<usize>),
+    Count(Vec<Sent>),
     /// MSET: +OK when every part said OK.
-    Mset(Vec<usize>),
+    Mset(Vec<Sent>),
+}
+
+/// A request sent to a shard: its reply slot and the link it went on.
+struct Sent {
+    slot: Arc<Slot>,
+    link: Arc<Link>,
 }
 
 /// The session of one client.
 struct Session {
     pool: Arc<Pool>,
-    conns: Vec<Option<ShardConn>>,
-    /// What each shard is to be sent in this batch.
-    unsent: Vec<Vec<u8>>,
-    /// Why a shard failed in this batch (its further replies in the batch fail the same way).
-    dead: Vec<Option<String>>,
+    links: Arc<CoreLinks>,
+    /// Links written to in this batch (their writers are woken once per batch).
+    touched: Vec<Arc<Link>>,
     authed: bool,
     close: bool,
 }
@@ -329,23 +573,30 @@ fn err_reply(msg: &str) -> Vec<u8> {
 }
 
 impl Session {
-    fn new(pool: Arc<Pool>) -> Session {
-        let n = pool.addrs.len();
+    fn new(pool: Arc<Pool>, links: Arc<CoreLinks>) -> Session {
         Session {
             authed: pool.cfg.password.is_none(),
             pool,
-            conns: (0..n).map(|_| None).collect(),
-            unsent: vec![Vec::new(); n],
-            dead: vec![None; n],
+            links,
+            touched: Vec::new(),
             close: false,
         }
     }
 
-    /// Switch to a reloaded pool between batches: new shard connections, same client.
+    /// Switch to a reloaded pool between batches: same client, the new shards.
     fn adopt(&mut self, pool: Arc<Pool>) {
         let authed = self.authed && pool.cfg.password == self.pool.cfg.password;
-        *self = Session::new(pool);
-        self.authed = self.authed || authed;
+        self.authed = authed || pool.cfg.password.is_none();
+        self.pool = pool;
+    }
+
+    fn link(&mut self, s: usize) -> Arc<Link> {
+        if let Some(l) = self.touched.iter().find(|l| l.shard == s) {
+            return l.clone();
+        }
+        let l = self.links.get(&self.pool, s);
+        self.touched.push(l.clone());
+        l
     }
 
     /// Turn one command (`cmd` holds exactly its bytes) into a request, queueing what the
@@ -371,16 +622,14 @@ impl Session {
             Kind::Key(i) => match self.pool.shard_for(arg(i)) {
                 None => reqs.push(Req::Local(err_reply("every shard is ejected"))),
                 Some(s) => {
-                    if c.resp {
-                        self.unsent[s].extend_from_slice(cmd);
+                    let link = self.link(s);
+                    let (slot, len) = if c.resp {
+                        (link.enqueue(cmd), cmd.len())
                     } else {
-                        command::encode(
-                            &mut self.unsent[s],
-                            c.args.iter().map(|r| &cmd[r.clone()]),
-                        );
-                    }
-                    self.count_request(s, cmd.len());
-                    reqs.push(Req::One(s));
+                        link.enqueue_args(c.args.iter().map(|r| &cmd[r.clone()]))
+                    };
+                    self.count_request(s, len);
+                    reqs.push(Req::One(Sent { slot, link }));
                 }
             },
             Kind::Mget | Kind::Count | Kind::Mset => {
@@ -403,23 +652,25 @@ impl Session {
                         .fragments
                         .fetch_add(parts.len() as u64, Relaxed);
                 }
-                for (s, ks) in &parts {
-                    let w = &mut self.unsent[*s];
-                    let before = w.len();
+                let mut sent = Vec::with_capacity(parts.len());
+                for (s, ks) in parts {
+                    let link = self.link(s);
                     let args: Vec<&[u8]> = std::iter::once(name)
                         .chain(ks.iter().flat_map(|&k| {
                             (0..step).map(move |j| &cmd[c.args[1 + k * step + j].clone()])
                         }))
                         .collect();
-                    command::encode(w, args.into_iter());
-                    let len = w.len() - before;
-                    self.count_request(*s, len);
+                    let (slot, len) = link.enqueue_args(args.into_iter());
+                    self.count_request(s, len);
+                    sent.push((Sent { slot, link }, ks));
                 }
-                let shards = parts.iter().map(|(s, _)| *s).collect();
                 reqs.push(match kind {
-                    Kind::Mget => Req::Mget { parts, n: keys },
-                    Kind::Count => Req::Count(shards),
-                    _ => Req::Mset(shards),
+                    Kind::Mget => Req::Mget {
+                        parts: sent,
+                        n: keys,
+                    },
+                    Kind::Count => Req::Count(sent.into_iter().map(|(s, _)| s).collect()),
+                    _ => Req::Mset(sent.into_iter().map(|(s, _)| s).collect()),
                 });
             }
         }
@@ -469,73 +720,36 @@ impl Session {
         out
     }
 
-    /// Send every shard its part of the batch (connecting first if need be).
-    async fn flush(&mut self) {
-        for s in 0..self.unsent.len() {
-            if self.unsent[s].is_empty() {
-                continue;
-            }
-            if self.conns[s].is_none() {
-                match connect(&self.pool, s).await {
-                    Ok(c) => self.conns[s] = Some(c),
-                    Err(e) => {
-                        debug!(pool = %self.pool.name, "{e}");
-                        self.pool.server_stats[s].server_err.fetch_add(1, Relaxed);
-                        self.pool.failed(s);
-                        self.dead[s] = Some(e);
-                        self.unsent[s].clear();
-                        continue;
-                    }
+    /// Send every link this batch wrote to.
+    fn flush(&mut self) {
+        for l in self.touched.drain(..) {
+            l.flush();
+        }
+    }
+
+    /// A reply, within the pool's timeout. A timeout fails the link (as twemproxy closes the
+    /// server connection): a late reply must not be taken for the next request's.
+    async fn reply(&self, sent: &Sent) -> Result<Vec<u8>, String> {
+        let r = match self.pool.timeout() {
+            None => sent.slot.wait().await,
+            Some(t) => match tokio::time::timeout(t, sent.slot.wait()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let s = sent.link.shard;
+                    self.pool.server_stats[s]
+                        .server_timedout
+                        .fetch_add(1, Relaxed);
+                    self.pool.failed(s);
+                    let why = format!("shard {}: timed out", self.pool.addrs[s]);
+                    sent.link.fail(why.clone());
+                    Err(why)
                 }
-            }
-            let conn = self.conns[s].as_mut().expect("connected above");
-            if let Err(e) = conn.stream.write_all(&self.unsent[s]).await {
-                self.kill(s, format!("shard {}: {e}", self.pool.addrs[s]));
-            }
-            self.unsent[s].clear();
+            },
+        };
+        if r.is_err() {
+            self.pool.stats.forward_error.fetch_add(1, Relaxed);
         }
-    }
-
-    fn kill(&mut self, s: usize, why: String) {
-        self.conns[s] = None;
-        self.pool.server_stats[s].server_err.fetch_add(1, Relaxed);
-        self.pool.failed(s);
-        self.dead[s] = Some(why);
-    }
-
-    /// The next reply of shard `s` in this batch.
-    async fn reply(&mut self, s: usize) -> Result<Range<usize>, String> {
-        if let Some(e) = &self.dead[s] {
-            return Err(e.clone());
-        }
-        let timeout = self.pool.timeout();
-        let conn = self.conns[s]
-            .as_mut()
-            .expect("a live shard has a connection");
-        match conn.reply(timeout).await {
-            Ok(r) => {
-                let st = &self.pool.server_stats[s];
-                st.responses.fetch_add(1, Relaxed);
-                st.response_bytes.fetch_add(r.len() as u64, Relaxed);
-                self.pool.succeeded(s);
-                Ok(r)
-            }
-            Err(e) => {
-                let st = &self.pool.server_stats[s];
-                if e == "timed out" {
-                    st.server_timedout.fetch_add(1, Relaxed);
-                } else {
-                    st.server_eof.fetch_add(1, Relaxed);
-                }
-                let e = format!("shard {}: {e}", self.pool.addrs[s]);
-                self.kill(s, e.clone());
-                Err(e)
-            }
-        }
-    }
-
-    fn bytes(&self, s: usize, r: &Range<usize>) -> &[u8] {
-        &self.conns[s].as_ref().expect("replied").rbuf[r.clone()]
+        r
     }
 
     /// Collect the replies of a batch in request order into `out`.
@@ -543,27 +757,22 @@ impl Session {
         for req in reqs {
             match req {
                 Req::Local(b) => out.extend_from_slice(&b),
-                Req::One(s) => match self.reply(s).await {
-                    Ok(r) => out.extend_from_slice(self.bytes(s, &r)),
-                    Err(e) => self.forward_error(out, &e),
+                Req::One(sent) => match self.reply(&sent).await {
+                    Ok(b) => out.extend_from_slice(&b),
+                    Err(e) => out.extend_from_slice(&err_reply(&e)),
                 },
-                Req::Count(shards) => {
+                Req::Count(parts) => {
                     let mut sum = 0i64;
                     let mut failure: Option<Vec<u8>> = None;
-                    for s in shards {
-                        match self.reply(s).await {
-                            Ok(r) => {
-                                let b = self.bytes(s, &r);
-                                match b.first() {
-                                    Some(b':') => {
-                                        sum += std::str::from_utf8(&b[1..b.len() - 2])
-                                            .ok()
-                                            .and_then(|t| t.parse::<i64>().ok())
-                                            .unwrap_or(0)
-                                    }
-                                    _ => failure = failure.or_else(|| Some(b.to_vec())),
-                                }
+                    for sent in parts {
+                        match self.reply(&sent).await {
+                            Ok(b) if b.first() == Some(&b':') => {
+                                sum += std::str::from_utf8(&b[1..b.len() - 2])
+                                    .ok()
+                                    .and_then(|t| t.parse::<i64>().ok())
+                                    .unwrap_or(0)
                             }
+                            Ok(b) => failure = failure.or(Some(b)),
                             Err(e) => failure = failure.or_else(|| Some(err_reply(&e))),
                         }
                     }
@@ -575,16 +784,12 @@ impl Session {
                         }
                     }
                 }
-                Req::Mset(shards) => {
+                Req::Mset(parts) => {
                     let mut failure: Option<Vec<u8>> = None;
-                    for s in shards {
-                        match self.reply(s).await {
-                            Ok(r) => {
-                                let b = self.bytes(s, &r);
-                                if !b.starts_with(b"+") {
-                                    failure = failure.or_else(|| Some(b.to_vec()));
-                                }
-                            }
+                    for sent in parts {
+                        match self.reply(&sent).await {
+                            Ok(b) if b.starts_with(b"+") => {}
+                            Ok(b) => failure = failure.or(Some(b)),
                             Err(e) => failure = failure.or_else(|| Some(err_reply(&e))),
                         }
                     }
@@ -594,22 +799,22 @@ impl Session {
                     }
                 }
                 Req::Mget { parts, n } => {
-                    // Each part's reply, split into its elements (ranges in its shard's buffer).
+                    let mut replies: Vec<Vec<u8>> = Vec::with_capacity(parts.len());
                     let mut slots: Vec<Option<(usize, Range<usize>)>> = vec![None; n];
                     let mut failure: Option<Vec<u8>> = None;
-                    for (s, keys) in parts {
-                        match self.reply(s).await {
-                            Ok(r) => match self.elements(s, &r) {
+                    for (sent, keys) in parts {
+                        match self.reply(&sent).await {
+                            Ok(b) => match elements(&b) {
                                 Some(els) if els.len() == keys.len() => {
                                     for (k, el) in keys.into_iter().zip(els) {
-                                        slots[k] = Some((s, el));
+                                        slots[k] = Some((replies.len(), el));
                                     }
+                                    replies.push(b);
                                 }
                                 _ => {
-                                    let b = self.bytes(s, &r);
                                     failure = failure.or_else(|| {
                                         Some(if b.starts_with(b"-") {
-                                            b.to_vec()
+                                            b
                                         } else {
                                             err_reply("a shard answered MGET with no array")
                                         })
@@ -624,55 +829,40 @@ impl Session {
                         None => {
                             out.push(b'*');
                             command::push_num(out, n as i64);
-                            for (s, el) in slots.into_iter().flatten() {
-                                out.extend_from_slice(self.bytes(s, &el));
+                            for (i, el) in slots.into_iter().flatten() {
+                                out.extend_from_slice(&replies[i][el]);
                             }
                         }
                     }
                 }
             }
         }
-        for (c, d) in self.conns.iter_mut().zip(self.dead.iter_mut()) {
-            if let Some(c) = c {
-                c.finish_batch();
-            }
-            *d = None;
-        }
-    }
-
-    fn forward_error(&self, out: &mut Vec<u8>, e: &str) {
-        self.pool.stats.forward_error.fetch_add(1, Relaxed);
-        out.extend_from_slice(&err_reply(e));
-    }
-
-    /// The elements of an array reply, as ranges of its shard's buffer.
-    fn elements(&self, s: usize, r: &Range<usize>) -> Option<Vec<Range<usize>>> {
-        let buf = &self.conns[s].as_ref()?.rbuf[..r.end];
-        if buf.get(r.start) != Some(&b'*') {
-            return None;
-        }
-        let hdr_end = r.start + buf[r.start..].windows(2).position(|w| w == b"\r\n")?;
-        let n: usize = std::str::from_utf8(&buf[r.start + 1..hdr_end])
-            .ok()?
-            .parse()
-            .ok()?;
-        let mut pos = hdr_end + 2;
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            let mut c = Cursor::new(&buf[pos..]);
-            resp::check(&mut c).ok()?;
-            let end = pos + c.position() as usize;
-            out.push(pos..end);
-            pos = end;
-        }
-        Some(out)
     }
 }
 
+/// The elements of an array reply, as ranges of it.
+fn elements(buf: &[u8]) -> Option<Vec<Range<usize>>> {
+    if buf.first() != Some(&b'*') {
+        return None;
+    }
+    let hdr_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let n: usize = std::str::from_utf8(&buf[1..hdr_end]).ok()?.parse().ok()?;
+    let mut pos = hdr_end + 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = Cursor::new(&buf[pos..]);
+        resp::check(&mut c).ok()?;
+        let end = pos + c.position() as usize;
+        out.push(pos..end);
+        pos = end;
+    }
+    Some(out)
+}
+
 /// Serve one client until it leaves, breaks framing or says QUIT.
-pub async fn serve_client(pools: Arc<ArcSwap<Pool>>, mut client: TcpStream) {
+async fn serve_client(pools: Arc<ArcSwap<Pool>>, links: Arc<CoreLinks>, mut client: TcpStream) {
     let _ = client.set_nodelay(true);
-    let mut session = Session::new(pools.load_full());
+    let mut session = Session::new(pools.load_full(), links);
     let stats_pool = session.pool.clone();
     stats_pool.stats.client_connections.fetch_add(1, Relaxed);
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -717,7 +907,7 @@ pub async fn serve_client(pools: Arc<ArcSwap<Pool>>, mut client: TcpStream) {
             if reqs.is_empty() && lost_framing.is_none() {
                 break;
             }
-            session.flush().await;
+            session.flush();
             session.answer(reqs, &mut out).await;
             if let Some(m) = &lost_framing {
                 out.extend_from_slice(format!("-ERR Protocol error: {m}\r\n").as_bytes());
@@ -737,17 +927,25 @@ pub async fn serve_client(pools: Arc<ArcSwap<Pool>>, mut client: TcpStream) {
     stats_pool.stats.client_connections.fetch_sub(1, Relaxed);
 }
 
-/// Accept clients for one pool until the task is aborted (the service was removed).
-pub async fn serve(listener: TcpListener, pools: Arc<ArcSwap<Pool>>) {
+/// Accept clients for one pool on one worker thread until the task is aborted.
+async fn serve(listener: std::net::TcpListener, pools: Arc<ArcSwap<Pool>>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("listener: {e}");
+            return;
+        }
+    };
+    let links = Arc::new(CoreLinks::new(pools.load_full()));
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
-                let max = pools.load().limits.max_connections as u64;
-                if pools.load().stats.client_connections.load(Relaxed) >= max {
+                let p = pools.load();
+                if p.stats.client_connections.load(Relaxed) >= p.limits.max_connections as u64 {
                     drop(sock);
                     continue;
                 }
-                tokio::spawn(serve_client(pools.clone(), sock));
+                tokio::spawn(serve_client(pools.clone(), links.clone(), sock));
             }
             Err(e) => {
                 warn!("accept failed: {e}");
@@ -758,20 +956,33 @@ pub async fn serve(listener: TcpListener, pools: Arc<ArcSwap<Pool>>) {
 }
 
 /// The running sharding services of the daemon.
-#[derive(Default)]
+/// One single-threaded runtime per core (as the userspace data plane): each sharding service
+/// has one `SO_REUSEPORT` listener per worker, and each worker its own shard connections.
 pub struct Pools {
     running: std::collections::HashMap<String, Running>,
+    workers: crate::dataplane::userspace::Workers,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools {
+            running: Default::default(),
+            workers: crate::dataplane::userspace::Workers::start(),
+        }
+    }
 }
 
 struct Running {
     listen: SocketAddr,
     pools: Arc<ArcSwap<Pool>>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -787,10 +998,13 @@ impl Pools {
             let keep =
                 matches!(self.running.get(&s.name), Some(run) if run.listen == s.listen.addr);
             if !keep {
-                let l = TcpListener::bind(s.listen.addr).await.with_context(|| {
-                    format!("service {}: listening on {}", s.name, s.listen.addr)
-                })?;
-                bound.push((s.name.clone(), l, r, s.limits, s.listen.addr));
+                let ls = (0..self.workers.handles.len())
+                    .map(|_| crate::dataplane::userspace::bind_tcp(s.listen.addr))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .with_context(|| {
+                        format!("service {}: listening on {}", s.name, s.listen.addr)
+                    })?;
+                bound.push((s.name.clone(), ls, r, s.limits, s.listen.addr));
             }
         }
         let wanted: std::collections::HashSet<&str> = cfg
@@ -812,15 +1026,19 @@ impl Pools {
                 }
             }
         }
-        for (name, l, r, limits, listen) in bound {
+        for (name, ls, r, limits, listen) in bound {
             let pools = Arc::new(ArcSwap::from_pointee(Pool::new(&name, r, limits)));
-            let task = tokio::spawn(serve(l, pools.clone()));
+            let tasks = ls
+                .into_iter()
+                .zip(&self.workers.handles)
+                .map(|(l, h)| h.spawn(serve(l, pools.clone())))
+                .collect();
             self.running.insert(
                 name,
                 Running {
                     listen,
                     pools,
-                    task,
+                    tasks,
                 },
             );
         }
