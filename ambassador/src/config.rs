@@ -411,7 +411,18 @@ impl Config {
 
     /// Parse and validate config text; `path` only labels errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| yaml_error(path, text, &e))?;
+        let cfg: Config = if crate::shard::nutcracker::looks_like(text) {
+            crate::shard::nutcracker::import(text).map_err(|message| ConfigError {
+                file: path.to_owned(),
+                line: None,
+                column: None,
+                key: "(twemproxy config)".into(),
+                message,
+                fix: "fix the pool as the message says, or translate it with `ambassador import` and edit the result".into(),
+            })?
+        } else {
+            serde_yaml::from_str(text).map_err(|e| yaml_error(path, text, &e))?
+        };
         cfg.validate().map_err(|(key, needle, message, fix)| {
             let line = needle.and_then(|n| locate(text, &n));
             ConfigError {

@@ -17,6 +17,8 @@ struct Cli {
 enum Cmd {
     /// Validate a config file; exits non-zero with file:line, the key and the fix.
     Check { file: PathBuf },
+    /// Print the ambassador config equivalent to a twemproxy (nutcracker) config.
+    Import { file: PathBuf },
     /// Predict each backend's share of clients, and with --against how many clients a new
     /// config would move.
     Simulate {
@@ -97,8 +99,25 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Import { file } => {
+            let cfg = Config::load(&file).map_err(|e| anyhow!("{e}"))?;
+            print!(
+                "# translated from {} by `ambassador import`\n{}",
+                file.display(),
+                serde_yaml::to_string(&cfg)?
+            );
+            Ok(())
+        }
         Cmd::Check { file } => {
             let cfg = Config::load(&file).map_err(|e| anyhow!("{e}"))?;
+            for s in &cfg.services {
+                if let Some(r) = s.redis.as_ref().filter(|r| r.auto_eject_hosts) {
+                    eprintln!(
+                        "warning: service {}: auto_eject_hosts moves a failing shard's keys to the other shards (reads miss, writes land elsewhere) until it is retried after {} ms",
+                        s.name, r.server_retry_timeout_ms
+                    );
+                }
+            }
             let backends: usize = cfg.services.iter().map(|s| s.split.backends.len()).sum();
             println!(
                 "{}: ok ({} services, {backends} backends)",

@@ -158,7 +158,7 @@ fn daemon(yaml: &str) -> (LocalDaemon, u16) {
 }
 
 #[test]
-fn keys_written_through_nutcracker_are_found_through_ambassador() {
+fn keys_written_through_nutcracker_are_found_through_ambassador_running_its_config() {
     let shards = Shards::start(3, "");
     let nc_port = free_port();
     let mut conf = format!(
@@ -179,8 +179,38 @@ fn keys_written_through_nutcracker_are_found_through_ambassador() {
         &shards.dir.path("nutcracker.out"),
     );
     wait_port(nc_port, "nutcracker");
+    // ambassador runs the very same twemproxy file (only the listen port differs).
     let port = free_port();
-    let (_d, _) = daemon(&shards.yaml(port, ""));
+    let nc_text = std::fs::read_to_string(&nc_conf).unwrap();
+    let (_d, _) = daemon(&nc_text.replace(&format!(":{nc_port}\n"), &format!(":{port}\n")));
+    // And `ambassador import` prints an equivalent config that `check` accepts.
+    let out = std::process::Command::new(ambassador_tests::ambassador_bin())
+        .arg("import")
+        .arg(&nc_conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        imported.contains("hash: fnv1a_64") && imported.contains("name: shard-2"),
+        "{imported}"
+    );
+    let imported_path = shards.dir.path("imported.yaml");
+    std::fs::write(&imported_path, &imported).unwrap();
+    let check = std::process::Command::new(ambassador_tests::ambassador_bin())
+        .arg("check")
+        .arg(&imported_path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     let keys: Vec<String> = (0..500)
         .map(|i| match i % 3 {
