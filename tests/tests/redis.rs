@@ -540,3 +540,81 @@ fn reload_moves_shards_under_open_client_connections() {
     d.wait_log("config rejected");
     assert_eq!(c.call(&["GET", "after"]), bulk("1"));
 }
+
+#[test]
+fn auto_eject_moves_a_dead_shards_keys_and_takes_it_back_after_the_retry_timeout() {
+    let mut shards = Shards::start(3, "");
+    let port = free_port();
+    let (_d, stats) = daemon(&shards.yaml(
+        port,
+        "      auto_eject_hosts: true\n      server_failure_limit: 1\n      server_retry_timeout_ms: 1500\n",
+    ));
+    let mut c = Client::connect(port);
+    let keys: Vec<String> = (0..60).map(|i| format!("ej{i}")).collect();
+    for k in &keys {
+        assert_eq!(c.call(&["SET", k, "1"]), ok());
+    }
+    let homes: Vec<usize> = keys.iter().map(|k| shards.holder(k)[0]).collect();
+    let victim = (0..3)
+        .max_by_key(|s| homes.iter().filter(|h| *h == s).count())
+        .unwrap();
+    let on_victim: Vec<&String> = keys
+        .iter()
+        .zip(&homes)
+        .filter(|(_, h)| **h == victim)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        on_victim.len() < keys.len(),
+        "keys spread over shards: {homes:?}"
+    );
+    let victim_port = shards.ports[victim];
+    shards.procs[victim] = None;
+    std::thread::sleep(Duration::from_millis(200));
+    // The shard's failure (its connection closing, or the first request to it) ejects it
+    // (failure limit 1): at most one request fails, then its keys go to the live shards.
+    let mut failed = 0;
+    for k in &on_victim {
+        match c.call(&["SET", k, "2"]) {
+            f if f == ok() => {}
+            f => {
+                assert!(matches!(f, Frame::Error(_)), "{f:?}");
+                failed += 1;
+                assert_eq!(c.call(&["SET", k, "2"]), ok(), "{k} after ejection");
+            }
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} requests failed; ejection should stop that after one"
+    );
+    let moved = on_victim
+        .iter()
+        .filter(|k| !shards.holder(k).is_empty())
+        .count();
+    assert_eq!(moved, on_victim.len(), "ejected keys land on live shards");
+    let mut st = String::new();
+    TcpStream::connect(("127.0.0.1", stats))
+        .unwrap()
+        .read_to_string(&mut st)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert!(
+        v["cache"]["server_ejects"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+    // Bring the shard back; after the retry timeout its keys return to it.
+    shards.procs[victim] = Some(spawn(
+        &format!("redis-server --port {victim_port} --bind 127.0.0.1 --save '' --appendonly no"),
+        &shards.dir.path("redis-again.log"),
+    ));
+    wait_port(victim_port, "redis-server");
+    std::thread::sleep(Duration::from_millis(1700));
+    assert_eq!(c.call(&["SET", on_victim[0], "3"]), ok());
+    assert!(
+        shards.holder(on_victim[0]).contains(&1),
+        "back on its own shard"
+    );
+    let mut direct = Client::connect(victim_port);
+    assert_eq!(direct.call(&["GET", on_victim[0]]), bulk("3"));
+}
