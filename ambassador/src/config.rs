@@ -44,7 +44,18 @@ pub struct Config {
 impl Config {
     /// The services the L4 data planes (XDP, userspace) carry: all but the sharding ones.
     pub fn l4_services(&self) -> impl Iterator<Item = &ServiceConfig> {
-        self.services.iter().filter(|s| s.redis.is_none())
+        self.services.iter().filter(|s| s.sharding().is_none())
+    }
+}
+
+impl ServiceConfig {
+    /// The sharding settings and whether the protocol is memcache, for a sharding service.
+    pub fn sharding(&self) -> Option<(&RedisConfig, bool)> {
+        match (&self.redis, &self.memcache) {
+            (Some(r), _) => Some((r, false)),
+            (None, Some(m)) => Some((m, true)),
+            _ => None,
+        }
     }
 }
 
@@ -60,6 +71,9 @@ pub struct ServiceConfig {
     /// A sharding ambassador for Redis (twemproxy's placement); replaces `split`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
+    /// The same for memcached's ASCII protocol (same keys as `redis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memcache: Option<RedisConfig>,
     /// Terminate TLS here (the TLS sidecar) and forward plaintext to the chosen backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
@@ -556,7 +570,15 @@ impl Config {
                     "set at least 1 (default 10000)".into(),
                 ));
             }
-            if let Some(r) = &s.redis {
+            if s.redis.is_some() && s.memcache.is_some() {
+                return Err((
+                    format!("{at}.memcache"),
+                    Some("memcache:".into()),
+                    "a service speaks one protocol: `redis` or `memcache`".into(),
+                    "make two services on two ports".into(),
+                ));
+            }
+            if let Some((r, _)) = s.sharding() {
                 validate_redis(&at, s, r)?;
                 continue;
             }

@@ -247,7 +247,7 @@ impl Daemon {
 
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
         let plan = Plan::build(cfg);
-        for s in cfg.services.iter().filter(|s| s.redis.is_some()) {
+        for s in cfg.services.iter().filter(|s| s.sharding().is_some()) {
             self.local.ensure(s.listen.addr.ip())?;
         }
         self.shards.apply(cfg).await?;
@@ -415,7 +415,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         local: LocalAddresses::default(),
     };
     d.state.ids = d.apply(&cfg).await?;
-    if cfg.services.iter().any(|s| s.redis.is_some()) {
+    if cfg.services.iter().any(|s| s.sharding().is_some()) {
         match tokio::net::TcpListener::bind(opts.stats_listen).await {
             Ok(l) => {
                 let doc = d.shard_stats.clone();

@@ -111,7 +111,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Check { file } => {
             let cfg = Config::load(&file).map_err(|e| anyhow!("{e}"))?;
             for s in &cfg.services {
-                if let Some(r) = s.redis.as_ref().filter(|r| r.auto_eject_hosts) {
+                if let Some((r, _)) = s.sharding().filter(|(r, _)| r.auto_eject_hosts) {
                     eprintln!(
                         "warning: service {}: auto_eject_hosts moves a failing shard's keys to the other shards (reads miss, writes land elsewhere) until it is retried after {} ms",
                         s.name, r.server_retry_timeout_ms

@@ -115,6 +115,7 @@ const APT_PACKAGES: &[&str] = &[
     "nutcracker",
     "redis-server",
     "redis-tools",
+    "memcached",
 ];
 
 fn setup() -> Result<()> {
@@ -145,7 +146,7 @@ fn setup() -> Result<()> {
     let _ = Command::new("sh")
         .args([
             "-c",
-            "pkill -x nginx; pkill -x haproxy; pkill -x hitch; true",
+            "pkill -x nginx; pkill -x haproxy; pkill -x hitch; pkill -x memcached; true",
         ])
         .status();
 

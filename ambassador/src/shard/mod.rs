@@ -6,6 +6,7 @@
 pub mod command;
 pub mod dist;
 pub mod hash;
+pub mod memcache;
 pub mod nutcracker;
 pub mod proxy;
 pub mod resp;

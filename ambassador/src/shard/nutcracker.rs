@@ -4,7 +4,8 @@
 //! Every twemproxy pool key is understood; the ones this ambassador does not act on
 //! (`backlog`, `preconnect`, `client_connections`, `server_connections`, `tcpkeepalive`) are
 //! accepted and ignored because they tune twemproxy's own process, not placement or behaviour a
-//! client sees. What cannot be honoured (memcache pools, a non-zero `redis_db`, Unix sockets)
+//! client sees. `redis: false` pools become `memcache` services. What cannot be honoured (a
+//! non-zero `redis_db`, Unix sockets)
 //! is an error naming the pool and the key.
 
 use std::{collections::BTreeMap, net::ToSocketAddrs};
@@ -79,12 +80,6 @@ pub fn import(text: &str) -> Result<Config, String> {
     let mut services = Vec::new();
     for (name, p) in pools {
         let at = |key: &str| format!("pool `{name}`, key `{key}`");
-        if !p.redis {
-            return Err(format!(
-                "{}: memcache pools are not supported yet; only `redis: true` pools translate",
-                at("redis")
-            ));
-        }
         if p.redis_db.unwrap_or(0) != 0 {
             return Err(format!(
                 "{}: shards are one keyspace in database 0; remove `redis_db`",
@@ -119,22 +114,30 @@ pub fn import(text: &str) -> Result<Config, String> {
                 proto: Proto::Tcp,
             },
             split: Split::default(),
-            redis: Some(RedisConfig {
-                hash: p.hash.unwrap_or(Hash::Fnv1a_64),
-                distribution: p.distribution.unwrap_or(Kind::Ketama),
-                hash_tag: p.hash_tag,
-                timeout_ms: p.timeout,
-                auto_eject_hosts: p.auto_eject_hosts.unwrap_or(false),
-                server_retry_timeout_ms: p.server_retry_timeout.unwrap_or(30_000),
-                server_failure_limit: p.server_failure_limit.unwrap_or(2),
-                // twemproxy's redis_auth is both what clients must AUTH with and what it sends.
-                password: p.redis_auth.clone(),
-                server_password: p.redis_auth,
-                shards,
-            }),
+            redis: None,
+            memcache: None,
             tls: None,
             limits: Limits::default(),
         });
+        let sharding = RedisConfig {
+            hash: p.hash.unwrap_or(Hash::Fnv1a_64),
+            distribution: p.distribution.unwrap_or(Kind::Ketama),
+            hash_tag: p.hash_tag,
+            timeout_ms: p.timeout,
+            auto_eject_hosts: p.auto_eject_hosts.unwrap_or(false),
+            server_retry_timeout_ms: p.server_retry_timeout.unwrap_or(30_000),
+            server_failure_limit: p.server_failure_limit.unwrap_or(2),
+            // twemproxy's redis_auth is both what clients must AUTH with and what it sends.
+            password: p.redis_auth.clone(),
+            server_password: p.redis_auth,
+            shards,
+        };
+        let svc = services.last_mut().expect("just pushed");
+        if p.redis {
+            svc.redis = Some(sharding);
+        } else {
+            svc.memcache = Some(sharding);
+        }
     }
     Ok(Config {
         interfaces: Vec::new(),
@@ -207,8 +210,12 @@ alpha:
 
     #[test]
     fn what_cannot_be_honoured_is_an_error_naming_pool_and_key() {
-        let e = import(&NC.replace("redis: true", "redis: false")).unwrap_err();
-        assert!(e.contains("pool `alpha`, key `redis`"), "{e}");
+        let mc = import(
+            &NC.replace("redis: true", "redis: false")
+                .replace("  timeout: 400\n", ""),
+        )
+        .unwrap();
+        assert!(mc.services[0].memcache.is_some() && mc.services[0].redis.is_none());
         let e = import(&NC.replace("preconnect: true", "redis_db: 3")).unwrap_err();
         assert!(e.contains("redis_db"), "{e}");
         let e = import(&NC.replace("preconnect: true", "colour: blue")).unwrap_err();

@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use super::{
     command::{self, Command, Kind},
     dist::Distribution,
-    hashed_part,
+    hashed_part, memcache,
     resp::{self, Error},
     Hash, Server,
 };
@@ -82,6 +82,8 @@ struct Health {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
+    /// memcached's ASCII protocol rather than RESP.
+    pub memcache: bool,
     pub cfg: RedisConfig,
     pub limits: Limits,
     pub servers: Vec<Server>,
@@ -98,11 +100,12 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(name: &str, cfg: &RedisConfig, limits: Limits) -> Pool {
+    pub fn new(name: &str, cfg: &RedisConfig, limits: Limits, memcache: bool) -> Pool {
         let servers: Vec<Server> = cfg.shards.iter().map(|s| s.server()).collect();
         let live = vec![true; servers.len()];
         Pool {
             name: name.to_string(),
+            memcache,
             cfg: cfg.clone(),
             limits,
             addrs: cfg.shards.iter().map(|s| s.address).collect(),
@@ -205,6 +208,16 @@ impl Pool {
 
     fn timeout(&self) -> Option<Duration> {
         self.cfg.timeout_ms.map(Duration::from_millis)
+    }
+
+    /// Length of the whole reply at the front of `buf`, in this pool's protocol.
+    fn reply_len(&self, buf: &[u8]) -> Result<usize, Error> {
+        if self.memcache {
+            memcache::reply_len(buf)
+        } else {
+            let mut c = Cursor::new(buf);
+            resp::check(&mut c).map(|()| c.position() as usize)
+        }
     }
 }
 
@@ -348,7 +361,7 @@ async fn connect(pool: &Pool, shard: usize) -> Result<TcpStream, String> {
     pool.server_stats[shard]
         .server_connections
         .fetch_add(1, Relaxed);
-    if let Some(pw) = &pool.cfg.server_password {
+    if let Some(pw) = pool.cfg.server_password.as_ref().filter(|_| !pool.memcache) {
         let mut auth = Vec::new();
         command::encode(&mut auth, [&b"AUTH"[..], pw.as_bytes()].into_iter());
         stream
@@ -427,10 +440,9 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>) {
         loop {
             let mut pos = 0;
             loop {
-                let mut c = Cursor::new(&rbuf[pos..]);
-                match resp::check(&mut c) {
-                    Ok(()) => {
-                        let end = pos + c.position() as usize;
+                match pool.reply_len(&rbuf[pos..]) {
+                    Ok(n) => {
+                        let end = pos + n;
                         let slot = link
                             .inner
                             .lock()
@@ -453,7 +465,7 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>) {
                     }
                     Err(Error::Incomplete) => break,
                     Err(Error::Protocol(m)) => {
-                        return format!("shard {} sent bad RESP: {m}", pool.addrs[s])
+                        return format!("shard {} sent a bad reply: {m}", pool.addrs[s])
                     }
                 }
             }
@@ -539,6 +551,13 @@ enum Req {
     Count(Vec<Sent>),
     /// MSET: +OK when every part said OK.
     Mset(Vec<Sent>),
+    /// memcache `noreply`: the shard's reply is awaited (to stay in step) and dropped.
+    Silent(Sent),
+    /// memcache retrieval: every part's VALUE blocks, merged in key order, then END.
+    McGet {
+        parts: Vec<Sent>,
+        keys: Vec<Vec<u8>>,
+    },
 }
 
 /// A request sent to a shard: its reply slot and the link it went on.
@@ -676,6 +695,93 @@ impl Session {
         }
     }
 
+    /// A memcache command into a request (as [`Session::plan`] for RESP).
+    fn plan_memcache(&mut self, cmd: &[u8], c: &memcache::Command, reqs: &mut Vec<Req>) {
+        let word = |i: usize| &cmd[c.words[i].clone()];
+        match c.kind {
+            memcache::Kind::Local => {
+                if word(0) == b"quit" {
+                    self.close = true;
+                } else {
+                    reqs.push(Req::Local(
+                        format!("VERSION ambassador-{}\r\n", env!("CARGO_PKG_VERSION"))
+                            .into_bytes(),
+                    ));
+                }
+            }
+            memcache::Kind::Retrieve => {
+                let keys: Vec<&[u8]> = (c.first_key..c.words.len()).map(word).collect();
+                let mut parts: Vec<(usize, Vec<&[u8]>)> = Vec::new();
+                for k in &keys {
+                    let Some(s) = self.pool.shard_for(k) else {
+                        reqs.push(Req::Local(
+                            b"SERVER_ERROR every shard is ejected\r\n".to_vec(),
+                        ));
+                        return;
+                    };
+                    match parts.iter_mut().find(|(ps, _)| *ps == s) {
+                        Some((_, v)) => v.push(k),
+                        None => parts.push((s, vec![k])),
+                    }
+                }
+                if parts.len() > 1 {
+                    self.pool
+                        .stats
+                        .fragments
+                        .fetch_add(parts.len() as u64, Relaxed);
+                }
+                let mut sent = Vec::new();
+                for (s, ks) in parts {
+                    let mut line = Vec::new();
+                    for w in (0..c.first_key).map(word).chain(ks.iter().copied()) {
+                        if !line.is_empty() {
+                            line.push(b' ');
+                        }
+                        line.extend_from_slice(w);
+                    }
+                    line.extend_from_slice(b"\r\n");
+                    let link = self.link(s);
+                    let slot = link.enqueue(&line);
+                    self.count_request(s, line.len());
+                    sent.push(Sent { slot, link });
+                }
+                reqs.push(Req::McGet {
+                    parts: sent,
+                    keys: keys.iter().map(|k| k.to_vec()).collect(),
+                });
+            }
+            memcache::Kind::Store | memcache::Kind::Keyed => {
+                let Some(s) = self.pool.shard_for(word(c.first_key)) else {
+                    reqs.push(Req::Local(
+                        b"SERVER_ERROR every shard is ejected\r\n".to_vec(),
+                    ));
+                    return;
+                };
+                // The command line without `noreply`, then the data block as it came.
+                let mut bytes = Vec::with_capacity(cmd.len());
+                for (i, w) in c.words.iter().enumerate() {
+                    if i > 0 {
+                        bytes.push(b' ');
+                    }
+                    bytes.extend_from_slice(&cmd[w.clone()]);
+                }
+                bytes.extend_from_slice(b"\r\n");
+                if let Some(d) = &c.data {
+                    bytes.extend_from_slice(&cmd[d.clone()]);
+                }
+                let link = self.link(s);
+                let slot = link.enqueue(&bytes);
+                self.count_request(s, bytes.len());
+                let sent = Sent { slot, link };
+                reqs.push(if c.noreply {
+                    Req::Silent(sent)
+                } else {
+                    Req::One(sent)
+                });
+            }
+        }
+    }
+
     fn count_request(&self, s: usize, bytes: usize) {
         let st = &self.pool.server_stats[s];
         st.requests.fetch_add(1, Relaxed);
@@ -798,6 +904,48 @@ impl Session {
                         None => out.extend_from_slice(b"+OK\r\n"),
                     }
                 }
+                Req::Silent(sent) => {
+                    let _ = self.reply(&sent).await;
+                }
+                Req::McGet { parts, keys } => {
+                    let mut replies = Vec::with_capacity(parts.len());
+                    let mut failure = None;
+                    for sent in parts {
+                        match self.reply(&sent).await {
+                            Ok(b) if memcache::values(&b).is_some() => replies.push(b),
+                            Ok(b) => failure = failure.or(Some(b)),
+                            Err(e) => {
+                                failure = failure.or_else(|| {
+                                    Some(
+                                        format!(
+                                            "SERVER_ERROR {}\r\n",
+                                            e.replace(['\r', '\n'], " ")
+                                        )
+                                        .into_bytes(),
+                                    )
+                                })
+                            }
+                        }
+                    }
+                    match failure {
+                        Some(f) => out.extend_from_slice(&f),
+                        None => {
+                            let mut blocks: Vec<(&[u8], &[u8])> = Vec::new();
+                            for r in &replies {
+                                for (k, range) in memcache::values(r).unwrap_or_default() {
+                                    blocks.push((k, &r[range]));
+                                }
+                            }
+                            for k in &keys {
+                                if let Some(i) = blocks.iter().position(|(bk, _)| *bk == &k[..]) {
+                                    out.extend_from_slice(blocks[i].1);
+                                    blocks.remove(i);
+                                }
+                            }
+                            out.extend_from_slice(b"END\r\n");
+                        }
+                    }
+                }
                 Req::Mget { parts, n } => {
                     let mut replies: Vec<Vec<u8>> = Vec::with_capacity(parts.len());
                     let mut slots: Vec<Option<(usize, Range<usize>)>> = vec![None; n];
@@ -890,13 +1038,25 @@ async fn serve_client(pools: Arc<ArcSwap<Pool>>, links: Arc<CoreLinks>, mut clie
             let mut reqs = Vec::new();
             let mut lost_framing = None;
             while reqs.len() < MAX_BATCH && !session.close {
-                match command::parse(&inbuf[pos..]) {
-                    Ok((None, n)) => pos += n,
-                    Ok((Some(c), n)) => {
+                let step = if session.pool.memcache {
+                    memcache::parse(&inbuf[pos..]).map(|(c, n)| {
                         let cmd = &inbuf[pos..pos + n];
-                        session.plan(cmd, &c, &mut reqs);
-                        pos += n;
-                    }
+                        match c {
+                            Some(c) => session.plan_memcache(cmd, &c, &mut reqs),
+                            None => reqs.push(Req::Local(b"ERROR\r\n".to_vec())),
+                        }
+                        n
+                    })
+                } else {
+                    command::parse(&inbuf[pos..]).map(|(c, n)| {
+                        if let Some(c) = c {
+                            session.plan(&inbuf[pos..pos + n], &c, &mut reqs);
+                        }
+                        n
+                    })
+                };
+                match step {
+                    Ok(n) => pos += n,
                     Err(Error::Incomplete) => break,
                     Err(Error::Protocol(m)) => {
                         lost_framing = Some(m);
@@ -905,12 +1065,19 @@ async fn serve_client(pools: Arc<ArcSwap<Pool>>, links: Arc<CoreLinks>, mut clie
                 }
             }
             if reqs.is_empty() && lost_framing.is_none() {
+                if session.close {
+                    break 'conn;
+                }
                 break;
             }
             session.flush();
             session.answer(reqs, &mut out).await;
             if let Some(m) = &lost_framing {
-                out.extend_from_slice(format!("-ERR Protocol error: {m}\r\n").as_bytes());
+                if session.pool.memcache {
+                    out.extend_from_slice(format!("CLIENT_ERROR {m}\r\n").as_bytes());
+                } else {
+                    out.extend_from_slice(format!("-ERR Protocol error: {m}\r\n").as_bytes());
+                }
                 session.close = true;
             }
             if client.write_all(&out).await.is_err() {
@@ -994,7 +1161,9 @@ impl Pools {
         use anyhow::Context as _;
         let mut bound = Vec::new();
         for s in &cfg.services {
-            let Some(r) = &s.redis else { continue };
+            let Some((r, mc)) = s.sharding() else {
+                continue;
+            };
             let keep =
                 matches!(self.running.get(&s.name), Some(run) if run.listen == s.listen.addr);
             if !keep {
@@ -1004,30 +1173,33 @@ impl Pools {
                     .with_context(|| {
                         format!("service {}: listening on {}", s.name, s.listen.addr)
                     })?;
-                bound.push((s.name.clone(), ls, r, s.limits, s.listen.addr));
+                bound.push((s.name.clone(), ls, r, s.limits, s.listen.addr, mc));
             }
         }
         let wanted: std::collections::HashSet<&str> = cfg
             .services
             .iter()
-            .filter(|s| s.redis.is_some())
+            .filter(|s| s.sharding().is_some())
             .map(|s| s.name.as_str())
             .collect();
         self.running
             .retain(|name, _| wanted.contains(name.as_str()));
         for s in &cfg.services {
-            let Some(r) = &s.redis else { continue };
+            let Some((r, mc)) = s.sharding() else {
+                continue;
+            };
             if let Some(run) = self.running.get(&s.name) {
                 if run.listen == s.listen.addr {
                     let cur = run.pools.load();
-                    if cur.cfg != *r || cur.limits != s.limits {
-                        run.pools.store(Arc::new(Pool::new(&s.name, r, s.limits)));
+                    if cur.cfg != *r || cur.limits != s.limits || cur.memcache != mc {
+                        run.pools
+                            .store(Arc::new(Pool::new(&s.name, r, s.limits, mc)));
                     }
                 }
             }
         }
-        for (name, ls, r, limits, listen) in bound {
-            let pools = Arc::new(ArcSwap::from_pointee(Pool::new(&name, r, limits)));
+        for (name, ls, r, limits, listen, mc) in bound {
+            let pools = Arc::new(ArcSwap::from_pointee(Pool::new(&name, r, limits, mc)));
             let tasks = ls
                 .into_iter()
                 .zip(&self.workers.handles)
