@@ -1016,14 +1016,31 @@ async fn serve_client(pools: Arc<ArcSwap<Pool>>, links: Arc<CoreLinks>, mut clie
     let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     let idle = session.pool.limits.idle_timeout;
+    // One timer for the connection's life, pushed back only when it fires: a timeout armed
+    // per read costs a timer-wheel insert and removal per request.
+    let mut last = Instant::now();
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
     'conn: loop {
-        match tokio::time::timeout(idle, client.read_buf(&mut inbuf)).await {
-            Ok(Ok(0)) => {
+        let read = tokio::select! {
+            biased;
+            r = client.read_buf(&mut inbuf) => r,
+            _ = &mut deadline => {
+                if last.elapsed() >= idle {
+                    stats_pool.stats.client_err.fetch_add(1, Relaxed);
+                    break;
+                }
+                deadline.as_mut().reset((last + idle).into());
+                continue;
+            }
+        };
+        match read {
+            Ok(0) => {
                 stats_pool.stats.client_eof.fetch_add(1, Relaxed);
                 break;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => {
+            Ok(_) => last = Instant::now(),
+            Err(_) => {
                 stats_pool.stats.client_err.fetch_add(1, Relaxed);
                 break;
             }
@@ -1125,18 +1142,11 @@ async fn serve(listener: std::net::TcpListener, pools: Arc<ArcSwap<Pool>>) {
 /// The running sharding services of the daemon.
 /// One single-threaded runtime per core (as the userspace data plane): each sharding service
 /// has one `SO_REUSEPORT` listener per worker, and each worker its own shard connections.
+#[derive(Default)]
 pub struct Pools {
     running: std::collections::HashMap<String, Running>,
-    workers: crate::dataplane::userspace::Workers,
-}
-
-impl Default for Pools {
-    fn default() -> Self {
-        Pools {
-            running: Default::default(),
-            workers: crate::dataplane::userspace::Workers::start(),
-        }
-    }
+    /// Started with the first sharding service.
+    workers: Option<crate::dataplane::userspace::Workers>,
 }
 
 struct Running {
@@ -1167,7 +1177,10 @@ impl Pools {
             let keep =
                 matches!(self.running.get(&s.name), Some(run) if run.listen == s.listen.addr);
             if !keep {
-                let ls = (0..self.workers.handles.len())
+                let workers = self
+                    .workers
+                    .get_or_insert_with(crate::dataplane::userspace::Workers::start);
+                let ls = (0..workers.handles.len())
                     .map(|_| crate::dataplane::userspace::bind_tcp(s.listen.addr))
                     .collect::<anyhow::Result<Vec<_>>>()
                     .with_context(|| {
@@ -1202,7 +1215,7 @@ impl Pools {
             let pools = Arc::new(ArcSwap::from_pointee(Pool::new(&name, r, limits, mc)));
             let tasks = ls
                 .into_iter()
-                .zip(&self.workers.handles)
+                .zip(&self.workers.as_ref().expect("started when bound").handles)
                 .map(|(l, h)| h.spawn(serve(l, pools.clone())))
                 .collect();
             self.running.insert(
