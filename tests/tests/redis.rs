@@ -380,6 +380,17 @@ fn command_classes_split_reassemble_and_refuse_clearly() {
             && v["cache"]["fragments"].as_u64().unwrap_or(0) > 0
             && v["service"] == "ambassador"
     });
+    // The same figures for Prometheus, over HTTP on the same port.
+    let mut http = TcpStream::connect(("127.0.0.1", stats)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("ambassador_shard_requests_total{pool=\"cache\",server=\"shard-0\"}"),
+        "{text}"
+    );
     let st = d.status();
     let responses: u64 = (0..3)
         .map(|i| {

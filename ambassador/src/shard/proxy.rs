@@ -1296,19 +1296,129 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Serve the stats document to whoever connects (twemproxy's `--stats-port` protocol: connect,
-/// read the JSON, connection closes).
+/// Serve the stats: twemproxy's protocol (connect, read the JSON, the connection closes) and,
+/// to an HTTP request, `GET /metrics` in Prometheus' text format (anything else: the JSON).
+/// A client that sends nothing within 100 ms is a twemproxy-style reader.
 pub async fn serve_stats(
     listener: TcpListener,
-    doc: impl Fn() -> serde_json::Value + Send + 'static,
+    doc: impl Fn() -> serde_json::Value + Send + Sync + 'static,
 ) {
+    let doc = Arc::new(doc);
     loop {
         if let Ok((mut sock, _)) = listener.accept().await {
-            let body = doc().to_string();
+            let doc = doc.clone();
             tokio::spawn(async move {
-                let _ = sock.write_all(body.as_bytes()).await;
+                let mut req = [0u8; 512];
+                let n = match tokio::time::timeout(Duration::from_millis(100), sock.read(&mut req))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => 0,
+                };
+                let d = doc();
+                let reply = if n == 0 {
+                    d.to_string().into_bytes()
+                } else if req[..n].starts_with(b"GET /metrics") {
+                    let body = prometheus(&d);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                } else {
+                    let body = d.to_string();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                };
+                let _ = sock.write_all(&reply).await;
                 let _ = sock.shutdown().await;
             });
         }
+    }
+}
+
+/// The stats document in Prometheus' text format: one metric family per twemproxy field,
+/// labelled by pool (and shard), counters suffixed `_total` as Prometheus names them.
+pub fn prometheus(doc: &serde_json::Value) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    const GAUGES: [&str; 3] = [
+        "client_connections",
+        "server_connections",
+        "server_ejected_at",
+    ];
+    let mut families: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    let Some(top) = doc.as_object() else {
+        return String::new();
+    };
+    for (pool, v) in top {
+        let Some(fields) = v.as_object() else {
+            continue;
+        };
+        for (k, v) in fields {
+            if let Some(n) = v.as_u64() {
+                families
+                    .entry(k.clone())
+                    .or_default()
+                    .push((format!("pool=\"{pool}\""), n));
+            } else if let Some(server) = v.as_object() {
+                for (sk, sv) in server {
+                    if let Some(n) = sv.as_u64() {
+                        families
+                            .entry(sk.clone())
+                            .or_default()
+                            .push((format!("pool=\"{pool}\",server=\"{k}\""), n));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for (field, samples) in families {
+        let gauge = GAUGES.contains(&field.as_str());
+        let name = if gauge {
+            format!("ambassador_shard_{field}")
+        } else {
+            format!("ambassador_shard_{field}_total")
+        };
+        let _ = writeln!(
+            out,
+            "# TYPE {name} {}",
+            if gauge { "gauge" } else { "counter" }
+        );
+        for (labels, n) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {n}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_names_and_labels_follow_twemproxys_fields() {
+        let doc = serde_json::json!({
+            "service": "ambassador", "uptime": 5,
+            "cache": { "client_connections": 2, "fragments": 7,
+                       "shard-0": { "requests": 10, "server_ejected_at": 0 } }
+        });
+        let text = prometheus(&doc);
+        assert!(text.contains("# TYPE ambassador_shard_fragments_total counter\nambassador_shard_fragments_total{pool=\"cache\"} 7\n"), "{text}");
+        assert!(
+            text.contains(
+                "ambassador_shard_requests_total{pool=\"cache\",server=\"shard-0\"} 10\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE ambassador_shard_client_connections gauge\n"),
+            "{text}"
+        );
+        assert!(!text.contains("uptime"), "{text}");
     }
 }
