@@ -497,8 +497,11 @@ async fn run_link(pool: Arc<Pool>, link: Arc<Link>) {
 
 /// The shard links of one worker thread, for the pool generation they were made for.
 struct CoreLinks {
-    state: Mutex<(Arc<Pool>, Vec<Option<Arc<Link>>>)>,
+    state: Mutex<LinkTable>,
 }
+
+/// The pool generation and, per shard, its link (if one was made).
+type LinkTable = (Arc<Pool>, Vec<Option<Arc<Link>>>);
 
 impl CoreLinks {
     fn new(pool: Arc<Pool>) -> CoreLinks {
