@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// The sharding services' stats port (bound when the config has `redis` services).
     pub stats_listen: SocketAddr,
+    /// Worker threads of each userspace path (default: one per core).
+    pub workers: Option<usize>,
 }
 
 /// What the daemon publishes in `STATE_DIR/state.json` for `status`.
@@ -407,8 +409,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
         opts: opts.clone(),
         kernel,
-        userspace: UserspaceDataplane::new(),
-        shards: Default::default(),
+        userspace: match opts.workers {
+            Some(n) => UserspaceDataplane::with_workers(n),
+            None => UserspaceDataplane::new(),
+        },
+        shards: crate::shard::proxy::Pools::with_workers(opts.workers),
         shard_stats: Default::default(),
         started: std::time::Instant::now(),
         sidecars: HashMap::new(),

@@ -55,6 +55,10 @@ enum Cmd {
         /// when the config has `redis` services.
         #[arg(long, default_value = "127.0.0.1:22222")]
         stats_listen: std::net::SocketAddr,
+        /// Worker threads of each userspace path (TLS sidecar, userspace data plane, sharding);
+        /// default one per core.
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Services, backends, weights and kernel counters of the running daemon.
     Status {
@@ -154,6 +158,7 @@ fn real_main(cli: Cli) -> Result<()> {
             state_dir,
             pin_dir,
             stats_listen,
+            workers,
         } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => None,
@@ -176,6 +181,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 state_dir,
                 pin_dir,
                 stats_listen,
+                workers,
             }))
         }
         Cmd::Status { json, state_dir } => {

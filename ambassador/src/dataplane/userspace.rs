@@ -96,10 +96,15 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    pub(crate) fn start() -> Workers {
-        let n = std::thread::available_parallelism()
+    /// One per core.
+    pub(crate) fn default_count() -> usize {
+        std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1);
+            .unwrap_or(1)
+    }
+
+    pub(crate) fn start(n: usize) -> Workers {
+        let n = n.max(1);
         let handles = (0..n)
             .map(|i| {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -127,18 +132,23 @@ pub struct UserspaceDataplane {
 
 impl Default for UserspaceDataplane {
     fn default() -> Self {
-        UserspaceDataplane {
-            listeners: HashMap::new(),
-            tracker: TaskTracker::new(),
-            workers: Workers::start(),
-            counters: Arc::default(),
-        }
+        UserspaceDataplane::with_workers(Workers::default_count())
     }
 }
 
 impl UserspaceDataplane {
     pub fn new() -> UserspaceDataplane {
         UserspaceDataplane::default()
+    }
+
+    /// With `n` worker threads instead of one per core.
+    pub fn with_workers(n: usize) -> UserspaceDataplane {
+        UserspaceDataplane {
+            listeners: HashMap::new(),
+            tracker: TaskTracker::new(),
+            workers: Workers::start(n),
+            counters: Arc::default(),
+        }
     }
 
     /// Serve exactly `services`: bind what is new (all binds first, so a failure changes

@@ -1150,6 +1150,8 @@ pub struct Pools {
     running: std::collections::HashMap<String, Running>,
     /// Started with the first sharding service.
     workers: Option<crate::dataplane::userspace::Workers>,
+    /// How many (default: one per core).
+    worker_count: Option<usize>,
 }
 
 struct Running {
@@ -1167,6 +1169,14 @@ impl Drop for Running {
 }
 
 impl Pools {
+    /// With `n` worker threads instead of one per core.
+    pub fn with_workers(n: Option<usize>) -> Pools {
+        Pools {
+            worker_count: n,
+            ..Pools::default()
+        }
+    }
+
     /// Serve the `redis` services of `cfg`: new listeners are bound before anything changes (a
     /// port in use rejects the whole config); a changed service swaps its pool under its open
     /// client connections, which move to the new shards at their next batch.
@@ -1180,9 +1190,12 @@ impl Pools {
             let keep =
                 matches!(self.running.get(&s.name), Some(run) if run.listen == s.listen.addr);
             if !keep {
+                let n = self
+                    .worker_count
+                    .unwrap_or_else(crate::dataplane::userspace::Workers::default_count);
                 let workers = self
                     .workers
-                    .get_or_insert_with(crate::dataplane::userspace::Workers::start);
+                    .get_or_insert_with(|| crate::dataplane::userspace::Workers::start(n));
                 let ls = (0..workers.handles.len())
                     .map(|_| crate::dataplane::userspace::bind_tcp(s.listen.addr))
                     .collect::<anyhow::Result<Vec<_>>>()
