@@ -249,3 +249,42 @@ fn the_backend_is_chosen_by_the_real_client_address() {
         }
     }
 }
+
+#[test]
+fn a_half_written_or_vanished_config_is_rejected_and_the_running_one_keeps_serving() {
+    let a = HttpBackend::start("alpha");
+    let b = HttpBackend::start("bravo");
+    let port = free_port();
+    let d = LocalDaemon::start(&plain(port, a.addr, ""));
+    let get = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = request(&mut s).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+    };
+    assert!(get().starts_with("alpha"), "serving alpha");
+    let good_b = plain(port, b.addr, "");
+    // Half-written: the file is cut mid-way (a writer that died, or a non-atomic copy).
+    std::fs::write(d.config_path(), &good_b[..good_b.len() / 2]).unwrap();
+    d.signal("HUP");
+    d.wait_log("config rejected");
+    for _ in 0..20 {
+        assert!(get().starts_with("alpha"), "still serving alpha");
+    }
+    assert!(d.status()["last_error"].is_string());
+    // Vanished: the file is removed (an unreadable config is the same case).
+    std::fs::remove_file(d.config_path()).unwrap();
+    d.signal("HUP");
+    d.wait_log("cannot read the config");
+    for _ in 0..20 {
+        assert!(get().starts_with("alpha"), "still serving alpha");
+    }
+    // Restored and changed: applied.
+    std::fs::write(d.config_path(), &good_b).unwrap();
+    d.signal("HUP");
+    d.wait_log("config applied");
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "the new backend", || {
+        get().starts_with("bravo")
+    });
+}
