@@ -51,6 +51,9 @@ pub const PROTO_UDP: u8 = 17;
 /// [`Service::flags`]: hand the service's packets to the local stack (userspace terminates
 /// them, e.g. TLS) instead of forwarding them in the kernel.
 pub const SERVICE_PASS_TO_STACK: u32 = 1;
+/// [`Service::flags`]: the connect-time ambassador (cgroup `connect4`) rewrites connections to
+/// this service in the sockets of the configured cgroup, before any packet exists.
+pub const SERVICE_CONNECT_TIME: u32 = 2;
 
 /// [`Flow::direction`]: client → service, rewrite the destination to the backend.
 pub const FLOW_FORWARD: u32 = 0;

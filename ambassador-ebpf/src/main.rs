@@ -1,10 +1,13 @@
-//! The eBPF object: the XDP fast path (`xdp.rs`) and the benchmark's floors (`bench.rs`).
+//! The eBPF object: the XDP fast path (`xdp.rs`), the connect-time ambassador (`broker.rs`)
+//! and the benchmark's floors (`bench.rs`).
 //! On the host this binary is an empty stub so the workspace builds and lints as a whole; the
 //! real object is built for `bpfel-unknown-none` by `ambassador/build.rs`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod bench;
+#[cfg(target_arch = "bpf")]
+mod broker;
 #[cfg(target_arch = "bpf")]
 mod xdp;
 

@@ -19,11 +19,12 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 #[map]
-static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub(crate) static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
 #[map]
-static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+pub(crate) static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
-static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
+pub(crate) static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
 /// The kernel's common LRU (per-CPU free lists refilled in batches): measured here, inserts cost
 /// about a third less than with per-CPU LRU lists (BPF_F_NO_COMMON_LRU), whose every pop
 /// rotates the list.

@@ -80,6 +80,11 @@ pub struct ServiceConfig {
     /// Limits and timeouts of the userspace paths (TLS sidecar, userspace data plane).
     #[serde(default)]
     pub limits: Limits,
+    /// The connect-time ambassador: processes in this cgroup (v2) that connect to `listen` are
+    /// connected straight to a backend by a cgroup BPF program (no proxy hop); everyone else is
+    /// served by the userspace data plane on `listen`, with the same backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Limits with safe defaults: a slowloris cannot hold a handshake open, an idle connection
@@ -581,6 +586,14 @@ impl Config {
             if let Some((r, _)) = s.sharding() {
                 validate_redis(&at, s, r)?;
                 continue;
+            }
+            if s.cgroup.is_some() && (s.tls.is_some() || !s.listen.addr.is_ipv4()) {
+                return Err((
+                    format!("{at}.cgroup"),
+                    Some("cgroup:".into()),
+                    "the connect-time ambassador takes plain IPv4 services (connect4)".into(),
+                    "use an IPv4 `listen` without `tls`, or remove `cgroup`".into(),
+                ));
             }
             let mut bnames = HashSet::new();
             for (j, b) in s.split.backends.iter().enumerate() {

@@ -203,6 +203,10 @@ struct Daemon {
     kernel: Option<KernelDataplane>,
     userspace: UserspaceDataplane,
     shards: crate::shard::proxy::Pools,
+    /// The kernel object for the connect-time ambassador when XDP is not running.
+    connect_kernel: Option<KernelDataplane>,
+    /// cgroups the connect-time programs are attached to.
+    attached: std::collections::HashSet<PathBuf>,
     shard_stats: Arc<arc_swap::ArcSwap<serde_json::Value>>,
     started: std::time::Instant,
     sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
@@ -255,9 +259,60 @@ impl Daemon {
         self.shards.apply(cfg).await?;
         let runtimes = self.runtimes(cfg, &plan)?;
         self.userspace.apply(runtimes).await?;
-        match &mut self.kernel {
-            Some(k) => k.apply(&plan),
-            None => Ok(Ids::default()),
+        let ids = match &mut self.kernel {
+            Some(k) => k.apply(&plan)?,
+            None => Ids::default(),
+        };
+        self.connect_time(cfg, &plan);
+        Ok(ids)
+    }
+
+    /// Program and attach the connect-time ambassador for the services that name a cgroup.
+    /// Where it cannot be (no cgroup v2 there, no cgroup BPF), the userspace data plane serves
+    /// those services on their address, with the same backends: a warning says why.
+    fn connect_time(&mut self, cfg: &Config, plan: &Plan) {
+        let cgroups: std::collections::BTreeSet<PathBuf> = cfg
+            .services
+            .iter()
+            .filter_map(|s| s.cgroup.clone())
+            .collect();
+        if cgroups.is_empty() {
+            return;
+        }
+        let dp = match &mut self.kernel {
+            Some(k) => k,
+            None => {
+                if self.connect_kernel.is_none() {
+                    match KernelDataplane::load() {
+                        Ok(k) => self.connect_kernel = Some(k),
+                        Err(e) => {
+                            warn!("connect-time ambassador unavailable ({e:#}); the userspace data plane serves those services");
+                            return;
+                        }
+                    }
+                }
+                let k = self.connect_kernel.as_mut().expect("loaded above");
+                if let Err(e) = k.apply(plan) {
+                    warn!("connect-time ambassador: programming its maps failed ({e:#}); the userspace data plane serves those services");
+                    return;
+                }
+                k
+            }
+        };
+        for cg in cgroups {
+            if self.attached.contains(&cg) {
+                continue;
+            }
+            match dp.attach_connect_time(&cg) {
+                Ok(()) => {
+                    info!(cgroup = %cg.display(), "connect-time ambassador attached");
+                    self.attached.insert(cg);
+                }
+                Err(e) => warn!(
+                    cgroup = %cg.display(),
+                    "connect-time ambassador not attached ({e:#}); the userspace data plane serves those services"
+                ),
+            }
         }
     }
 
@@ -414,6 +469,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             None => UserspaceDataplane::new(),
         },
         shards: crate::shard::proxy::Pools::with_workers(opts.workers),
+        connect_kernel: None,
+        attached: Default::default(),
         shard_stats: Default::default(),
         started: std::time::Instant::now(),
         sidecars: HashMap::new(),

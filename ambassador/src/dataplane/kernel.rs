@@ -140,6 +140,35 @@ impl KernelDataplane {
         Ok(())
     }
 
+    /// Attach the connect-time ambassador (`connect4` and `getpeername4`) to a cgroup v2
+    /// directory. The links live as long as this object.
+    pub fn attach_connect_time(&mut self, cgroup: &Path) -> Result<()> {
+        use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+        for name in ["ambassador_connect4", "ambassador_getpeername4"] {
+            let dir = std::fs::File::open(cgroup)
+                .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| {
+                    anyhow::anyhow!(
+                        "loading {name}: {e} (cgroup sock_addr BPF needs CONFIG_CGROUP_BPF)"
+                    )
+                })?;
+            }
+            prog.attach(dir, CgroupAttachMode::Single).map_err(|e| {
+                anyhow::anyhow!(
+                    "attaching {name} to {}: {e} (it must be a cgroup v2 directory; mount one with `mount -t cgroup2 none DIR`)",
+                    cgroup.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn interfaces(&self) -> Vec<String> {
         self.links.iter().map(|(i, _)| i.clone()).collect()
     }
@@ -292,6 +321,10 @@ impl KernelDataplane {
                     key_mode: s.selector.key_mode,
                     flags: if s.userspace {
                         ambassador_ebpf::SERVICE_PASS_TO_STACK
+                    } else {
+                        0
+                    } | if s.connect_time {
+                        ambassador_ebpf::SERVICE_CONNECT_TIME
                     } else {
                         0
                     },

@@ -20,8 +20,11 @@ pub struct ServicePlan {
     pub key: SplitKey,
     pub backends: Vec<BackendConfig>,
     pub selector: Selector,
-    /// Served by userspace even when XDP runs (TLS): the kernel passes its packets to the stack.
+    /// Served by userspace even when XDP runs (TLS; the fallback of a connect-time service): the
+    /// kernel passes its packets to the stack.
     pub userspace: bool,
+    /// Connections from the configured cgroup are redirected at `connect()` in the kernel.
+    pub connect_time: bool,
 }
 
 impl ServicePlan {
@@ -62,7 +65,8 @@ impl Plan {
                         seed: s.split.seed.unwrap_or_else(|| service_seed(&s.name)),
                         table: Table::build(&members),
                     },
-                    userspace: s.tls.is_some(),
+                    userspace: s.tls.is_some() || s.cgroup.is_some(),
+                    connect_time: s.cgroup.is_some(),
                 }
             })
             .collect();

@@ -118,6 +118,7 @@ pub fn import(text: &str) -> Result<Config, String> {
             memcache: None,
             tls: None,
             limits: Limits::default(),
+            cgroup: None,
         });
         let sharding = RedisConfig {
             hash: p.hash.unwrap_or(Hash::Fnv1a_64),
