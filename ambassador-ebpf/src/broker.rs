@@ -1,4 +1,4 @@
-//! The connect-time ambassador (cgroup `connect4` / `getpeername4`): a process in the
+//! The connect-time ambassador (cgroup `connect4/6`, `getpeername4/6`): a process in the
 //! configured cgroup that connects to a service address is connected straight to a backend,
 //! chosen from the same tables as the XDP path, with no proxy hop and no per-packet cost;
 //! `getpeername` still shows the address it dialed. Processes outside the cgroup are untouched
@@ -8,7 +8,7 @@
 //! socket cookie stands in for the client in the hash.
 
 use ambassador_ebpf::{
-    flow_slot, KeyMode, ServiceKey, FAMILY_V4, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    flow_slot, KeyMode, ServiceKey, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROTO_TCP, PROTO_UDP,
     SERVICE_CONNECT_TIME, TABLE_SIZE,
 };
 use aya_ebpf::{
@@ -20,9 +20,17 @@ use aya_ebpf::{
 
 use crate::xdp::{BACKENDS, RINGS, SERVICES};
 
-/// Socket cookie → the address it dialed (wire address, wire port), for `getpeername`.
+/// What a socket dialed (wire words, wire port), for `getpeername`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Dialed {
+    addr: [u32; 4],
+    port: u32,
+}
+
+/// Socket cookie → what it dialed.
 #[map]
-static DIALED: LruHashMap<u64, [u32; 2]> = LruHashMap::with_max_entries(65_536, 0);
+static DIALED: LruHashMap<u64, Dialed> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Let the call proceed (cgroup sock_addr programs return 1 to allow, 0 to refuse).
 const ALLOW: i32 = 1;
@@ -31,25 +39,65 @@ const ALLOW: i32 = 1;
 pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let proto = match sa.protocol {
+    if let Some(b) = pick(
+        &ctx,
+        [sa.user_ip4, 0, 0, 0],
+        sa.user_port,
+        sa.protocol,
+        FAMILY_V4,
+    ) {
+        sa.user_ip4 = b.0[0];
+        sa.user_port = b.1;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    if let Some(b) = pick(&ctx, dst, sa.user_port, sa.protocol, FAMILY_V6) {
+        sa.user_ip6[0] = b.0[0];
+        sa.user_ip6[1] = b.0[1];
+        sa.user_ip6[2] = b.0[2];
+        sa.user_ip6[3] = b.0[3];
+        sa.user_port = b.1;
+    }
+    ALLOW
+}
+
+/// The backend (wire address, wire port) for a connection to `dst:port` when that is a
+/// connect-time service, remembering what was dialed for `getpeername`.
+#[inline(always)]
+fn pick(
+    ctx: &SockAddrContext,
+    dst: [u32; 4],
+    user_port: u32,
+    protocol: u32,
+    family: u8,
+) -> Option<([u32; 4], u32)> {
+    let proto = match protocol {
         6 => PROTO_TCP,
         17 => PROTO_UDP,
-        _ => return ALLOW,
+        _ => return None,
     };
-    let dst = sa.user_ip4;
-    let port = sa.user_port as u16;
+    let port = user_port as u16;
     let key = ServiceKey {
-        addr: [dst, 0, 0, 0],
+        addr: dst,
         port,
         proto,
-        family: FAMILY_V4,
+        family,
     };
     // SAFETY: plain data read once; a concurrent update replaces the element (RCU).
-    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
-        return ALLOW;
-    };
+    let svc = unsafe { SERVICES.get(&key) }?;
     if svc.flags & SERVICE_CONNECT_TIME == 0 {
-        return ALLOW;
+        return None;
     }
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
@@ -61,23 +109,26 @@ pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
         0,
         port,
         proto,
-        FAMILY_V4,
+        family,
     );
-    let id = match RINGS.get(svc.ring * TABLE_SIZE + slot) {
-        Some(id) if *id != NO_BACKEND => *id,
-        // No backend: leave the address alone; the userspace data plane answers (and refuses).
-        _ => return ALLOW,
-    };
-    let Some(b) = BACKENDS.get(id) else {
-        return ALLOW;
-    };
-    if b.valid == 0 || b.family != FAMILY_V4 {
-        return ALLOW;
+    // No backend: leave the address alone; the userspace data plane answers (and refuses).
+    let id = *RINGS.get(svc.ring * TABLE_SIZE + slot)?;
+    if id == NO_BACKEND {
+        return None;
     }
-    let _ = DIALED.insert(&cookie, &[dst, port as u32], 0);
-    sa.user_ip4 = b.addr[0];
-    sa.user_port = b.port as u32;
-    ALLOW
+    let b = BACKENDS.get(id)?;
+    if b.valid == 0 || b.family != family {
+        return None;
+    }
+    let _ = DIALED.insert(
+        &cookie,
+        &Dialed {
+            addr: dst,
+            port: port as u32,
+        },
+        0,
+    );
+    Some((b.addr, b.port as u32))
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -86,10 +137,28 @@ pub fn ambassador_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     // SAFETY: plain data read once.
     if let Some(d) = unsafe { DIALED.get(&cookie) } {
-        let (addr, port) = (d[0], d[1]);
+        let (addr, port) = (d.addr[0], d.port);
         // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
         let sa = unsafe { &mut *ctx.sock_addr };
         sa.user_ip4 = addr;
+        sa.user_port = port;
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ambassador_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain data read once.
+    if let Some(d) = unsafe { DIALED.get(&cookie) } {
+        let (addr, port) = (d.addr, d.port);
+        // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6[0] = addr[0];
+        sa.user_ip6[1] = addr[1];
+        sa.user_ip6[2] = addr[2];
+        sa.user_ip6[3] = addr[3];
         sa.user_port = port;
     }
     ALLOW

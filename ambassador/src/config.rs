@@ -587,12 +587,12 @@ impl Config {
                 validate_redis(&at, s, r)?;
                 continue;
             }
-            if s.cgroup.is_some() && (s.tls.is_some() || !s.listen.addr.is_ipv4()) {
+            if s.cgroup.is_some() && s.tls.is_some() {
                 return Err((
                     format!("{at}.cgroup"),
                     Some("cgroup:".into()),
-                    "the connect-time ambassador takes plain IPv4 services (connect4)".into(),
-                    "use an IPv4 `listen` without `tls`, or remove `cgroup`".into(),
+                    "the connect-time ambassador connects the app to the backend itself, so it cannot terminate TLS".into(),
+                    "remove `tls`, or remove `cgroup`".into(),
                 ));
             }
             let mut bnames = HashSet::new();

@@ -140,11 +140,16 @@ impl KernelDataplane {
         Ok(())
     }
 
-    /// Attach the connect-time ambassador (`connect4` and `getpeername4`) to a cgroup v2
+    /// Attach the connect-time ambassador (`connect4/6`, `getpeername4/6`) to a cgroup v2
     /// directory. The links live as long as this object.
     pub fn attach_connect_time(&mut self, cgroup: &Path) -> Result<()> {
         use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-        for name in ["ambassador_connect4", "ambassador_getpeername4"] {
+        for name in [
+            "ambassador_connect4",
+            "ambassador_getpeername4",
+            "ambassador_connect6",
+            "ambassador_getpeername6",
+        ] {
             let dir = std::fs::File::open(cgroup)
                 .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
             let prog: &mut CgroupSockAddr = self
