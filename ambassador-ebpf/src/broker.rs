@@ -1,4 +1,5 @@
-//! The connect-time ambassador (cgroup `connect4/6`, `getpeername4/6`): a process in the
+//! The connect-time ambassador (cgroup `connect4/6`, `getpeername4/6`, and for UDP
+//! `sendmsg4/6`, `recvmsg4/6`): a process in the
 //! configured cgroup that connects to a service address is connected straight to a backend,
 //! chosen from the same tables as the XDP path, with no proxy hop and no per-packet cost;
 //! `getpeername` still shows the address it dialed. Processes outside the cgroup are untouched
@@ -26,6 +27,9 @@ use crate::xdp::{BACKENDS, RINGS, SERVICES};
 struct Dialed {
     addr: [u32; 4],
     port: u32,
+    /// The backend it was connected to (replies from it are shown as from `addr`).
+    backend: [u32; 4],
+    backend_port: u32,
 }
 
 /// Socket cookie → what it dialed.
@@ -37,10 +41,15 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx)
+}
+
+#[inline(always)]
+fn redirect4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(b) = pick(
-        &ctx,
+        ctx,
         [sa.user_ip4, 0, 0, 0],
         sa.user_port,
         sa.protocol,
@@ -52,8 +61,67 @@ pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// UDP without connect(): each datagram to the service goes to the socket's backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ambassador_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect4(&ctx)
+}
+
+/// UDP replies from the backend read as from the service address (`recvfrom`).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ambassador_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain data read once.
+    if let Some(d) = unsafe { DIALED.get(&cookie) } {
+        // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.user_ip4 == d.backend[0] && sa.user_port == d.backend_port {
+            sa.user_ip4 = d.addr[0];
+            sa.user_port = d.port;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ambassador_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ambassador_recvmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain data read once.
+    if let Some(d) = unsafe { DIALED.get(&cookie) } {
+        let (addr, port, backend, backend_port) = (d.addr, d.port, d.backend, d.backend_port);
+        // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let from = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
+        if from == backend && sa.user_port == backend_port {
+            sa.user_ip6[0] = addr[0];
+            sa.user_ip6[1] = addr[1];
+            sa.user_ip6[2] = addr[2];
+            sa.user_ip6[3] = addr[3];
+            sa.user_port = port;
+        }
+    }
+    ALLOW
+}
+
 #[cgroup_sock_addr(connect6)]
 pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
+    redirect6(&ctx)
+}
+
+#[inline(always)]
+fn redirect6(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = [
@@ -62,7 +130,7 @@ pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[2],
         sa.user_ip6[3],
     ];
-    if let Some(b) = pick(&ctx, dst, sa.user_port, sa.protocol, FAMILY_V6) {
+    if let Some(b) = pick(ctx, dst, sa.user_port, sa.protocol, FAMILY_V6) {
         sa.user_ip6[0] = b.0[0];
         sa.user_ip6[1] = b.0[1];
         sa.user_ip6[2] = b.0[2];
@@ -120,14 +188,34 @@ fn pick(
     if b.valid == 0 || b.family != family {
         return None;
     }
-    let _ = DIALED.insert(
-        &cookie,
-        &Dialed {
-            addr: dst,
-            port: port as u32,
-        },
-        0,
-    );
+    let d = Dialed {
+        addr: dst,
+        port: port as u32,
+        backend: b.addr,
+        backend_port: b.port as u32,
+    };
+    // Word by word, volatile: LLVM would merge the zero words of an IPv4 address into one
+    // misaligned 8-byte stack store, which the verifier refuses.
+    let mut raw = core::mem::MaybeUninit::<Dialed>::uninit();
+    let w = raw.as_mut_ptr() as *mut u32;
+    let words = [
+        d.addr[0],
+        d.addr[1],
+        d.addr[2],
+        d.addr[3],
+        d.port,
+        d.backend[0],
+        d.backend[1],
+        d.backend[2],
+        d.backend[3],
+        d.backend_port,
+    ];
+    for (i, v) in words.iter().enumerate() {
+        // SAFETY: Dialed is ten u32 words (repr(C)), 4-aligned.
+        unsafe { w.add(i).write_volatile(*v) };
+    }
+    // SAFETY: every word was just written.
+    let _ = DIALED.insert(&cookie, unsafe { raw.assume_init_ref() }, 0);
     Some((b.addr, b.port as u32))
 }
 

@@ -49,7 +49,12 @@ impl Cgroup {
                 (m.clone(), Some(m))
             }
         };
-        let dir = root.join(format!("amb-test-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = root.join(format!(
+            "amb-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         Cgroup { dir, mount }
     }
@@ -159,4 +164,80 @@ fn processes_in_the_cgroup_connect_straight_to_a_backend_and_see_the_dialed_addr
     d.wait_log("connect-time ambassador attached");
     check_family(&cg, &service4, &a4, &b4);
     check_family(&cg, &service6, &a6, &b6);
+}
+
+/// A UDP backend answering `NAME PEER`.
+fn udp_echo(
+    bind: &str,
+    name: &'static str,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let s = std::net::UdpSocket::bind(bind).unwrap();
+    let addr = s.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, peer)) = s.recv_from(&mut buf) {
+            seen2.lock().unwrap().push(peer.to_string());
+            let _ = s.send_to(format!("{name} {peer}").as_bytes(), peer);
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn udp_datagrams_from_the_cgroup_go_straight_to_a_backend_and_replies_read_as_from_the_service() {
+    require_root();
+    for (bind, service) in [
+        ("127.0.0.1:0", format!("127.0.0.1:{}", free_port())),
+        ("[::1]:0", format!("[::1]:{}", free_port())),
+    ] {
+        let cg = Cgroup::new();
+        let (a, seen_a) = udp_echo(bind, "alpha");
+        let (b, seen_b) = udp_echo(bind, "bravo");
+        let d = LocalDaemon::start(&format!(
+            "services:
+  - name: dns
+    listen: '{service}/udp'
+    cgroup: {}
+    split: {{ backends: [ {{ name: a, address: '{a}' }}, {{ name: b, address: '{b}' }} ] }}
+",
+            cg.dir.display()
+        ));
+        d.wait_log("connect-time ambassador attached");
+        let out = Command::new(env!("CARGO_BIN_EXE_cgroup-dial"))
+            .arg(&cg.dir)
+            .arg(&service)
+            .arg("5")
+            .arg("udp")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.lines().count(), 5, "{text}");
+        let seen: Vec<String> = seen_a
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(seen_b.lock().unwrap().iter())
+            .cloned()
+            .collect();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(
+                f[0],
+                format!("peer={service}"),
+                "recvfrom shows the service: {line}"
+            );
+            let local = f[1].trim_start_matches("local=");
+            assert!(
+                seen.iter().any(|p| p == local),
+                "no proxy hop: the backend got the datagram from the dialer's socket: {line}"
+            );
+        }
+    }
 }

@@ -149,6 +149,10 @@ impl KernelDataplane {
             "ambassador_getpeername4",
             "ambassador_connect6",
             "ambassador_getpeername6",
+            "ambassador_sendmsg4",
+            "ambassador_recvmsg4",
+            "ambassador_sendmsg6",
+            "ambassador_recvmsg6",
         ] {
             let dir = std::fs::File::open(cgroup)
                 .with_context(|| format!("opening cgroup {}", cgroup.display()))?;

@@ -2,7 +2,8 @@
 //! times with plain HTTP and prints, per connection, what `getpeername` says, its own socket
 //! address, and the backend's answer (`NAME CLIENT-ADDR`).
 //!
-//! `cgroup-dial CGROUP-DIR ADDR N`
+//! `cgroup-dial CGROUP-DIR ADDR N [udp]`: with `udp`, N datagrams from one unconnected UDP
+//! socket, printing where each reply came from (`recvfrom`), the socket's address and the reply.
 
 use std::{
     io::{Read as _, Write as _},
@@ -18,6 +19,26 @@ fn main() {
         std::process::id().to_string(),
     )
     .expect("joining the cgroup");
+    if args.get(4).map(String::as_str) == Some("udp") {
+        let bind = if addr.starts_with('[') {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let s = std::net::UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for _ in 0..n {
+            s.send_to(b"ping", addr.as_str()).expect("send");
+            let mut b = [0u8; 512];
+            let (len, from) = s.recv_from(&mut b).expect("reply within 5 s");
+            println!(
+                "peer={from} local={} body={}",
+                s.local_addr().unwrap(),
+                String::from_utf8_lossy(&b[..len]).trim()
+            );
+        }
+        return;
+    }
     for _ in 0..n {
         let mut s = TcpStream::connect(addr.as_str()).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
