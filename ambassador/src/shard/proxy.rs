@@ -139,6 +139,26 @@ impl Pool {
             .dispatch(self.hash().hash(hashed_part(key, self.tag)))
     }
 
+    /// Keys grouped by shard, each group the keys' positions in order; None when every shard
+    /// is ejected. A split over more than one shard counts its fragments.
+    fn split_keys<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<Vec<(usize, Vec<usize>)>> {
+        let mut parts: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (k, key) in keys.enumerate() {
+            let s = self.shard_for(key)?;
+            match parts.iter_mut().find(|(ps, _)| *ps == s) {
+                Some((_, v)) => v.push(k),
+                None => parts.push((s, vec![k])),
+            }
+        }
+        if parts.len() > 1 {
+            self.stats.fragments.fetch_add(parts.len() as u64, Relaxed);
+        }
+        Some(parts)
+    }
+
     /// Put shards whose retry time has come back into the ring.
     fn readmit(&self) {
         if self.now_ms() < self.next_retry.load(Relaxed) {
@@ -657,23 +677,10 @@ impl Session {
             Kind::Mget | Kind::Count | Kind::Mset => {
                 let step = if kind == Kind::Mset { 2 } else { 1 };
                 let keys = (c.args.len() - 1) / step;
-                let mut parts: Vec<(usize, Vec<usize>)> = Vec::new();
-                for k in 0..keys {
-                    let Some(s) = self.pool.shard_for(arg(1 + k * step)) else {
-                        reqs.push(Req::Local(err_reply("every shard is ejected")));
-                        return;
-                    };
-                    match parts.iter_mut().find(|(ps, _)| *ps == s) {
-                        Some((_, v)) => v.push(k),
-                        None => parts.push((s, vec![k])),
-                    }
-                }
-                if parts.len() > 1 {
-                    self.pool
-                        .stats
-                        .fragments
-                        .fetch_add(parts.len() as u64, Relaxed);
-                }
+                let Some(parts) = self.pool.split_keys((0..keys).map(|k| arg(1 + k * step))) else {
+                    reqs.push(Req::Local(err_reply("every shard is ejected")));
+                    return;
+                };
                 let mut sent = Vec::with_capacity(parts.len());
                 for (s, ks) in parts {
                     let link = self.link(s);
@@ -714,29 +721,19 @@ impl Session {
             }
             memcache::Kind::Retrieve => {
                 let keys: Vec<&[u8]> = (c.first_key..c.words.len()).map(word).collect();
-                let mut parts: Vec<(usize, Vec<&[u8]>)> = Vec::new();
-                for k in &keys {
-                    let Some(s) = self.pool.shard_for(k) else {
-                        reqs.push(Req::Local(
-                            b"SERVER_ERROR every shard is ejected\r\n".to_vec(),
-                        ));
-                        return;
-                    };
-                    match parts.iter_mut().find(|(ps, _)| *ps == s) {
-                        Some((_, v)) => v.push(k),
-                        None => parts.push((s, vec![k])),
-                    }
-                }
-                if parts.len() > 1 {
-                    self.pool
-                        .stats
-                        .fragments
-                        .fetch_add(parts.len() as u64, Relaxed);
-                }
+                let Some(parts) = self.pool.split_keys(keys.iter().copied()) else {
+                    reqs.push(Req::Local(
+                        b"SERVER_ERROR every shard is ejected\r\n".to_vec(),
+                    ));
+                    return;
+                };
                 let mut sent = Vec::new();
                 for (s, ks) in parts {
                     let mut line = Vec::new();
-                    for w in (0..c.first_key).map(word).chain(ks.iter().copied()) {
+                    for w in (0..c.first_key)
+                        .map(word)
+                        .chain(ks.iter().map(|&k| keys[k]))
+                    {
                         if !line.is_empty() {
                             line.push(b' ');
                         }
