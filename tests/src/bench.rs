@@ -30,6 +30,17 @@ pub fn wait_port(port: u16, what: &str) {
     });
 }
 
+/// A throw-away redis-server on a loopback port (no persistence), ready when this returns;
+/// `extra` adds options such as `--requirepass PW`.
+pub fn redis_server(dir: &TempDir, port: u16, extra: &str) -> Proc {
+    let proc = spawn(
+        &format!("redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no {extra}"),
+        &dir.path(&format!("redis-{port}.log")),
+    );
+    wait_port(port, "redis-server");
+    proc
+}
+
 /// nginx on loopback answering 200 with a short body (the backend every peer forwards to).
 pub fn nginx(dir: &TempDir, port: u16) -> Proc {
     let d = dir.path("nginx");

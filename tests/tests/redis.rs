@@ -10,7 +10,7 @@ use std::{
 
 use ambassador::shard::resp::{self, Frame};
 use ambassador_tests::{
-    bench::{spawn, wait_port, Proc},
+    bench::{redis_server, spawn, wait_port, Proc},
     local::{free_port, write, LocalDaemon, TempDir},
     topology::wait_for,
 };
@@ -105,16 +105,7 @@ impl Shards {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let procs = ports
             .iter()
-            .map(|p| {
-                let proc = spawn(
-                    &format!(
-                        "redis-server --port {p} --bind 127.0.0.1 --save '' --appendonly no {extra}"
-                    ),
-                    &dir.path(&format!("redis-{p}.log")),
-                );
-                wait_port(*p, "redis-server");
-                Some(proc)
-            })
+            .map(|p| Some(redis_server(&dir, *p, extra)))
             .collect();
         Shards { ports, procs, dir }
     }
@@ -615,11 +606,7 @@ fn auto_eject_moves_a_dead_shards_keys_and_takes_it_back_after_the_retry_timeout
         "{st}"
     );
     // Bring the shard back; after the retry timeout its keys return to it.
-    shards.procs[victim] = Some(spawn(
-        &format!("redis-server --port {victim_port} --bind 127.0.0.1 --save '' --appendonly no"),
-        &shards.dir.path("redis-again.log"),
-    ));
-    wait_port(victim_port, "redis-server");
+    shards.procs[victim] = Some(redis_server(&shards.dir, victim_port, ""));
     std::thread::sleep(Duration::from_millis(1700));
     assert_eq!(c.call(&["SET", on_victim[0], "3"]), ok());
     assert!(

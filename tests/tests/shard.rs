@@ -11,7 +11,7 @@ use std::{
 
 use ambassador::shard::{dist::Kind, hashed_part, Distribution, Hash, Server};
 use ambassador_tests::{
-    bench::{spawn, wait_port, Proc},
+    bench::{redis_server, spawn, wait_port, Proc},
     local::{free_port, TempDir},
 };
 
@@ -60,17 +60,7 @@ fn placement_matches_nutcracker_for_every_hash_and_distribution() {
     let dir = TempDir::new("shard");
     let weights = [1u32, 2, 1];
     let ports: Vec<u16> = weights.iter().map(|_| free_port()).collect();
-    let _redis: Vec<Proc> = ports
-        .iter()
-        .map(|p| {
-            let proc = spawn(
-                &format!("redis-server --port {p} --bind 127.0.0.1 --save '' --appendonly no"),
-                &dir.path(&format!("redis-{p}.log")),
-            );
-            wait_port(*p, "redis-server");
-            proc
-        })
-        .collect();
+    let _redis: Vec<Proc> = ports.iter().map(|p| redis_server(&dir, *p, "")).collect();
 
     // One pool per (hash, distribution, named servers?).
     let mut pools = Vec::new();

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use ambassador_tests::{
-    bench::{raise_fd_limit, spawn, wait_port, Proc},
+    bench::{raise_fd_limit, redis_server, spawn, wait_port, Proc},
     local::{free_port, LocalDaemon, TempDir},
 };
 
@@ -52,14 +52,7 @@ fn main() {
     let shard_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let _shards: Vec<Proc> = shard_ports
         .iter()
-        .map(|p| {
-            let proc = spawn(
-                &format!("redis-server --port {p} --bind 127.0.0.1 --save '' --appendonly no"),
-                &dir.path(&format!("redis-{p}.log")),
-            );
-            wait_port(*p, "redis-server");
-            proc
-        })
+        .map(|p| redis_server(&dir, *p, ""))
         .collect();
     let nc_port = free_port();
     let mut nc = format!(
