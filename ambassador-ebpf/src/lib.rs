@@ -171,7 +171,28 @@ pub struct Flow {
     /// The largest IP length the cached route was checked for (MTU); longer packets look up again.
     pub fib_len: u16,
     pub _pad2: u16,
+    /// When a packet of this direction was last seen, in [`seen_clock`] units (about a second).
+    pub last_seen: u32,
+    /// The TCP FIN and RST bits seen in this direction ([`TCP_FIN`], [`TCP_RST`]): a flow with
+    /// either is closing, and a new SYN on its 5-tuple picks a backend again.
+    pub closing: u32,
 }
+
+pub const TCP_FIN: u32 = 0x01;
+pub const TCP_SYN: u32 = 0x02;
+pub const TCP_RST: u32 = 0x04;
+pub const TCP_ACK: u32 = 0x10;
+
+/// The clock of [`Flow::last_seen`]: [`fib_clock`] ticks to ~1.07 s ticks.
+#[inline(always)]
+pub const fn seen_clock(fib_ticks: u32) -> u32 {
+    fib_ticks >> 10
+}
+
+/// Version of the layout of the maps a restarted daemon adopts (`FLOWS`, `ADDR_FILTER`, the
+/// counters). Bump it whenever their keys, values or meaning change: a daemon refuses to adopt
+/// pinned maps of another version rather than misread live flows.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// How long a FIB result cached in a flow is used before it is looked up again, in
 /// [`fib_clock`] units (about one second): bounds how long a flow follows a stale neighbour.
@@ -239,7 +260,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Service>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::size_of::<Flow>() == 64);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
 /// Wire words of an IPv4 address given as octets.

@@ -4,10 +4,11 @@
 //! this program does not fully understand, is `XDP_PASS` with the packet untouched.
 
 use ambassador_ebpf::{
-    csum, fib_clock, filter_index, flow_slot, Backend, Counters, Flow, FlowKey, Service,
-    ServiceKey, Stat, FAMILY_V4, FAMILY_V6, FIB_CACHE_TICKS, FILTER_BACKEND, FILTER_SERVICE,
-    FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
+    csum, fib_clock, filter_index, flow_slot, seen_clock, Backend, Counters, Flow, FlowKey,
+    Service, ServiceKey, Stat, FAMILY_V4, FAMILY_V6, FIB_CACHE_TICKS, FILTER_BACKEND,
+    FILTER_SERVICE, FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE, FLOW_TABLE_SIZE, MAX_BACKENDS,
+    MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
@@ -276,7 +277,12 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
         if let Some(f) = FLOWS.get_ptr_mut(&key) {
             // SAFETY: a live map value for the duration of the program.
             let flow = unsafe { &*f };
-            if flow.direction == FLOW_FORWARD {
+            let tcp = tcp_flags(ctx, pkt)?;
+            // A SYN on a closed flow's 5-tuple is a new connection (port reuse): it picks a
+            // backend again, so a drained or removed backend gets no new connections.
+            let reopened = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && flow.closing != 0;
+            if flow.direction == FLOW_FORWARD && !reopened {
+                mark_closing(f, tcp);
                 rewrite_dst(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
                 count_backend(flow.backend, bytes, false);
                 return Ok(Verdict::Forward(f));
@@ -298,6 +304,7 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
             // SAFETY: a live map value for the duration of the program.
             let flow = unsafe { &*f };
             if flow.direction == FLOW_REVERSE {
+                mark_closing(f, tcp_flags(ctx, pkt)?);
                 rewrite_src(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
                 count_backend(flow.backend, bytes, false);
                 count(Stat::ReverseNat);
@@ -307,6 +314,49 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
     }
     count(Stat::PassNotOurs);
     Ok(Verdict::Pass)
+}
+
+/// The TCP flags byte (0 for UDP); the header was bounds-checked by the caller.
+#[inline(always)]
+fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
+    if pkt.proto == PROTO_TCP {
+        Ok(load::<u8>(ctx, pkt.l4 + 13)? as u32)
+    } else {
+        Ok(0)
+    }
+}
+
+/// Remember a FIN or RST (rare packets: the common case is one test, no write).
+#[inline(always)]
+fn mark_closing(f: *mut Flow, tcp: u32) {
+    let bits = tcp & (TCP_FIN | TCP_RST);
+    // SAFETY: a live map value for the duration of the program; racing writers only add bits.
+    unsafe {
+        if bits & !(*f).closing != 0 {
+            (*f).closing |= bits;
+        }
+    }
+}
+
+/// [`touch`] on paths that do not read the clock for the FIB cache.
+#[inline(always)]
+fn touch_now(cache: *mut Flow) {
+    if !cache.is_null() {
+        // SAFETY: plain helper call.
+        touch(cache, fib_clock(unsafe { bpf_ktime_get_coarse_ns() }));
+    }
+}
+
+/// Refresh a flow's last-seen time (one store a second per flow, not one per packet).
+#[inline(always)]
+fn touch(f: *mut Flow, fib_now: u32) {
+    let now = seen_clock(fib_now);
+    // SAFETY: a live map value for the duration of the program.
+    unsafe {
+        if (*f).last_seen != now {
+            (*f).last_seen = now;
+        }
+    }
 }
 
 #[inline(always)]
@@ -380,6 +430,8 @@ fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend) {
     flow.nat_addr = key.dst;
     flow.nat_port = key.dport;
     flow.direction = FLOW_REVERSE;
+    // SAFETY: plain helper call.
+    flow.last_seen = seen_clock(fib_clock(unsafe { bpf_ktime_get_coarse_ns() }));
     flow.backend = id;
     flow.service = svc.id;
     let mut failed = FLOWS.insert(&rkey, &*flow, 0).is_err();
@@ -474,6 +526,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> u32 {
 #[inline(always)]
 fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
     if pkt.vlan {
+        touch_now(cache);
         count(Stat::NatThenStack);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -487,6 +540,7 @@ fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
     };
     let ttl: u8 = load(ctx, ttl_off)?;
     if ttl <= 1 {
+        touch_now(cache);
         count(Stat::NatThenStack);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -566,6 +620,7 @@ fn cached_route(cache: *mut Flow, ip_len: u16, now: &mut u32) -> Option<*mut Flo
     }
     // SAFETY: plain helper call.
     *now = fib_clock(unsafe { bpf_ktime_get_coarse_ns() });
+    touch(cache, *now);
     // SAFETY: a live map value for the duration of the program.
     let f = unsafe { &*cache };
     if f.fib_ifindex != 0 && now.wrapping_sub(f.fib_stamp) < FIB_CACHE_TICKS && ip_len <= f.fib_len

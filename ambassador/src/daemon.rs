@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub stats_listen: SocketAddr,
     /// Worker threads of each userspace path (default: one per core).
     pub workers: Option<usize>,
+    /// At exit, leave the XDP program attached and its maps pinned (for an upgrade: the next
+    /// daemon adopts them) instead of detaching.
+    pub keep_on_exit: bool,
 }
 
 /// What the daemon publishes in `STATE_DIR/state.json` for `status`.
@@ -134,6 +137,16 @@ impl PidLock {
         writeln!(f, "{}", std::process::id())?;
         Ok(PidLock { _file: f, path })
     }
+}
+
+/// Fails when a daemon holds `state_dir`: what it pinned is in use.
+pub fn ensure_not_running(state_dir: &Path) -> Result<()> {
+    if !state_dir.join("ambassador.pid").exists() {
+        return Ok(());
+    }
+    PidLock::take(state_dir)
+        .map(drop)
+        .context("a running daemon owns what is pinned; stop it (it detaches at exit unless run with --keep-on-exit)")
 }
 
 impl Drop for PidLock {
@@ -412,8 +425,18 @@ fn start_kernel(
     for iface in interfaces {
         check_interface(iface)?;
     }
-    let mut dp = KernelDataplane::load()?;
-    dp.pin_maps(&opts.pin_dir)?;
+    let (mut dp, adoption) = KernelDataplane::load_pinned(&opts.pin_dir)?;
+    if adoption.adopted {
+        // The previous daemon's ids keep the new tables consistent with the adopted flows.
+        if let Ok(old) = State::read(&opts.state_dir) {
+            dp.prefer_ids(old.ids);
+        }
+        info!(
+            flows = adoption.flows,
+            "adopted the connection table pinned in {}",
+            opts.pin_dir.display()
+        );
+    }
     Ok(dp)
 }
 
@@ -432,6 +455,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     let _lock = PidLock::take(&opts.state_dir)?;
+    if opts.dataplane != DataplaneMode::Userspace {
+        // Pinned flows this binary cannot adopt are a conflict to resolve, not a reason to
+        // fall back to userspace beside a program still forwarding them.
+        crate::dataplane::kernel::check_adoptable(&opts.pin_dir)?;
+    }
     let kernel = match opts.dataplane {
         DataplaneMode::Userspace => None,
         DataplaneMode::Xdp => Some(start_kernel(&opts, &interfaces, &opts.config)?),
@@ -495,6 +523,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(k) = &mut d.kernel {
         for iface in &interfaces {
             k.attach(iface, opts.xdp_mode)?;
+        }
+        for iface in k.release_other_links()? {
+            info!("detached XDP from {iface}: no longer configured");
         }
     }
     d.publish();
@@ -561,6 +592,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         warn!("drain deadline passed with connections still open: closing them");
     }
     drop(kernel);
+    if xdp {
+        if opts.keep_on_exit {
+            info!(
+                "XDP left attached with its maps pinned in {}: flows keep being forwarded; the next `ambassador run` adopts them, `ambassador detach` removes them",
+                opts.pin_dir.display()
+            );
+        } else {
+            crate::dataplane::kernel::detach(&opts.pin_dir)?;
+        }
+    }
     drop(local);
     info!("stopped");
     Ok(())

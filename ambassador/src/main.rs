@@ -59,6 +59,18 @@ enum Cmd {
         /// default one per core.
         #[arg(long)]
         workers: Option<usize>,
+        /// At exit, leave XDP attached and its maps pinned so the next `run` (an upgrade)
+        /// adopts every tracked flow; `ambassador detach` removes them.
+        #[arg(long)]
+        keep_on_exit: bool,
+    },
+    /// Remove the XDP links and maps a daemon pinned (after `run --keep-on-exit` or a crash):
+    /// the program leaves its interfaces and tracked flows are forgotten.
+    Detach {
+        #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Services, backends, weights and kernel counters of the running daemon.
     Status {
@@ -159,6 +171,7 @@ fn real_main(cli: Cli) -> Result<()> {
             pin_dir,
             stats_listen,
             workers,
+            keep_on_exit,
         } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => None,
@@ -182,7 +195,20 @@ fn real_main(cli: Cli) -> Result<()> {
                 pin_dir,
                 stats_listen,
                 workers,
+                keep_on_exit,
             }))
+        }
+        Cmd::Detach { pin_dir, state_dir } => {
+            daemon::ensure_not_running(&state_dir)?;
+            let removed = ambassador::dataplane::kernel::detach(&pin_dir)?;
+            if removed.is_empty() {
+                println!("nothing pinned in {}", pin_dir.display());
+            } else {
+                for p in &removed {
+                    println!("removed {}", p.display());
+                }
+            }
+            Ok(())
         }
         Cmd::Status { json, state_dir } => {
             let r = status::report(&state_dir)?;

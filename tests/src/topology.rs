@@ -41,7 +41,8 @@ pub struct Topology {
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
     nginx: Vec<Child>,
-    daemon: Option<Child>,
+    daemon: std::sync::Mutex<Option<Child>>,
+    starts: std::sync::atomic::AtomicUsize,
 }
 
 /// The book's split, in our config format.
@@ -145,7 +146,8 @@ impl Topology {
             dir,
             pin_dir,
             nginx: Vec::new(),
-            daemon: None,
+            daemon: Default::default(),
+            starts: Default::default(),
         }
     }
 
@@ -233,21 +235,27 @@ http {{
         std::fs::rename(&tmp, self.config_path()).unwrap();
     }
 
-    pub fn daemon_log_path(&self) -> PathBuf {
-        self.dir.join("ambassador.log")
+    /// The log of the daemon's `n`th start.
+    pub fn daemon_log_path(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("ambassador-{n}.log"))
     }
 
+    /// The logs of every daemon started, in order.
     pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.daemon_log_path()).unwrap_or_default()
+        (0..self.starts.load(Ordering::Relaxed))
+            .map(|n| std::fs::read_to_string(self.daemon_log_path(n)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("--- restarted ---\n")
     }
 
     /// Start `ambassador run` in the lb namespace and wait until it serves.
-    pub fn start_daemon(&mut self) {
+    pub fn start_daemon(&self) {
         self.start_daemon_with(&[]);
     }
 
-    /// Start `ambassador run ARGS...` in the lb namespace and wait until it serves.
-    pub fn start_daemon_with(&mut self, args: &[&str]) {
+    /// Start `ambassador run ARGS...` in the lb namespace and wait until it serves (a daemon
+    /// killed before is reaped first).
+    pub fn start_daemon_with(&self, args: &[&str]) {
         let cmd = format!(
             "{} run --config {} --state-dir {} --pin-dir {} {}",
             ambassador_bin().display(),
@@ -256,28 +264,73 @@ http {{
             self.pin_dir.display(),
             args.join(" ")
         );
-        let child = self.lb.spawn(&cmd, &self.daemon_log_path());
-        self.daemon = Some(child);
+        let n = self.starts.fetch_add(1, Ordering::Relaxed);
+        let mut child = self.lb.spawn(&cmd, &self.daemon_log_path(n));
+        let pid = child.id();
         let state = self.state_dir().join("state.json");
         wait_for(
             Duration::from_secs(20),
             "ambassador to start serving",
             || {
-                if let Some(Ok(Some(st))) = self.daemon.as_mut().map(|c| c.try_wait()) {
+                if let Ok(Some(st)) = child.try_wait() {
                     panic!("ambassador exited ({st}):\n{}", self.daemon_log());
                 }
-                state.exists()
+                // A killed daemon's state file stays: wait for this one's.
+                std::fs::read(&state)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|v| v["pid"] == pid)
             },
         );
+        if let Some(mut old) = self.daemon.lock().unwrap().replace(child) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+    }
+
+    /// Start `ambassador run ARGS...` and return its exit status and output, for a start that
+    /// must fail.
+    pub fn run_daemon_expecting_failure(
+        &self,
+        args: &[&str],
+    ) -> (std::process::ExitStatus, String) {
+        let out = self
+            .lb
+            .command(ambassador_bin().to_str().unwrap())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn daemon_pid(&self) -> u32 {
-        self.daemon.as_ref().expect("daemon running").id()
+        self.daemon
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("daemon running")
+            .id()
     }
 
     /// Send a signal to the daemon.
     pub fn signal(&self, sig: &str) {
         sh(&format!("kill -{sig} {}", self.daemon_pid()));
+    }
+
+    /// Wait for the daemon to exit (after a signal); its exit status.
+    pub fn wait_daemon_exit(&self) -> std::process::ExitStatus {
+        let mut d = self.daemon.lock().unwrap().take().expect("daemon running");
+        d.wait().unwrap()
     }
 
     /// `ambassador status --json`.
@@ -329,8 +382,8 @@ http {{
 
 impl Topology {
     /// Stop the daemon (SIGTERM, then SIGKILL after 5 s) and wait for it.
-    pub fn stop_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
+    pub fn stop_daemon(&self) {
+        if let Some(mut d) = self.daemon.lock().unwrap().take() {
             let _ = sh(&format!("kill -TERM {} 2>/dev/null; true", d.id()));
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {

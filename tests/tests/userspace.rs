@@ -51,7 +51,7 @@ fn udp_echo(ns: &ambassador_tests::netns::Netns, addr: &str, name: &'static str)
 
 #[test]
 fn udp_sessions_keep_a_client_on_its_backend_and_expire_when_idle() {
-    let mut t = Topology::new(50);
+    let t = Topology::new(50);
     udp_echo(&t.web, "10.200.2.2:5353", "web");
     udp_echo(&t.exp, "10.200.3.2:5353", "experiment");
     t.write_config(&format!(

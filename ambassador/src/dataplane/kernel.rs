@@ -10,13 +10,17 @@ use std::{
 
 use ambassador_ebpf::{
     filter_index, Backend, Counters, Service, ServiceKey, Stat, FILTER_BACKEND, FILTER_SERVICE,
-    FILTER_SIZE, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, STAT_COUNT, TABLE_SIZE,
+    FILTER_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, STAT_COUNT, TABLE_SIZE,
 };
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
-    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, MapType, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
 };
 
 use super::Plan;
@@ -38,6 +42,151 @@ pub const MAPS: [&str; 7] = [
     "BACKEND_STATS",
     "GLOBAL_STATS",
 ];
+
+/// Maps a restarted daemon adopts from the pin directory instead of creating: the connection
+/// table, the address filter (replies of flows to removed backends still need it) and the
+/// counters. `SERVICES`, `BACKENDS` and `RINGS` are built fresh beside the live ones and take
+/// over with the new program in one atomic link update.
+pub const ADOPTED: [&str; 4] = ["FLOWS", "ADDR_FILTER", "BACKEND_STATS", "GLOBAL_STATS"];
+
+/// The kernel's view of an adopted map: (type, key size, value size, max entries).
+fn adopted_layout(name: &str) -> (MapType, u32, u32, u32) {
+    use std::mem::size_of;
+    match name {
+        "FLOWS" => (
+            MapType::LruHash,
+            size_of::<ambassador_ebpf::FlowKey>() as u32,
+            size_of::<ambassador_ebpf::Flow>() as u32,
+            ambassador_ebpf::FLOW_TABLE_SIZE,
+        ),
+        "ADDR_FILTER" => (MapType::Array, 4, 4, FILTER_SIZE),
+        "BACKEND_STATS" => (
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counters>() as u32,
+            MAX_BACKENDS,
+        ),
+        "GLOBAL_STATS" => (MapType::PerCpuArray, 4, 8, STAT_COUNT),
+        _ => unreachable!("{name} is not adopted"),
+    }
+}
+
+/// The marker directory naming the layout of the maps pinned beside it.
+fn layout_marker(dir: &Path) -> PathBuf {
+    dir.join(format!("layout-{LAYOUT_VERSION}"))
+}
+
+/// Where the XDP link of `iface` is pinned: it keeps the program attached while no daemon runs.
+fn link_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("link-xdp-{iface}"))
+}
+
+/// What a daemon found in its pin directory at start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Adoption {
+    /// The connection table (and counters) of a previous daemon were adopted.
+    pub adopted: bool,
+    /// Entries in the adopted connection table (both directions).
+    pub flows: usize,
+}
+
+/// Refuse maps this binary would misread: another layout version, or another shape. True when
+/// there is a connection table to adopt.
+pub fn check_adoptable(dir: &Path) -> Result<bool> {
+    let present: Vec<&str> = ADOPTED
+        .iter()
+        .copied()
+        .filter(|n| dir.join(n).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(false);
+    }
+    let fix = format!(
+        "run `ambassador detach --pin-dir {}` to remove them (connections open through XDP are \
+         then dropped), or run the ambassador binary that pinned them",
+        dir.display()
+    );
+    if !layout_marker(dir).exists() {
+        let found: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .filter(|n| n.starts_with("layout-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "the maps pinned in {} have map layout {}, and this binary uses layout {LAYOUT_VERSION}: \
+             it cannot adopt their tracked flows. {fix}",
+            dir.display(),
+            if found.is_empty() {
+                "unknown (no layout marker)".to_string()
+            } else {
+                found.join(", ")
+            }
+        );
+    }
+    for name in present {
+        let path = dir.join(name);
+        let info = MapData::from_pin(&path)
+            .and_then(|d| d.info())
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let (ty, key, value, max) = adopted_layout(name);
+        let have = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if have != (Some(ty), key, value, max) {
+            bail!(
+                "pinned map {} is {:?} with key {} B, value {} B, {} entries; this binary needs \
+                 {ty:?} with key {key} B, value {value} B, {max} entries. {fix}",
+                path.display(),
+                have.0,
+                have.1,
+                have.2,
+                have.3
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// Remove everything a daemon pinned under `dir`: XDP links (which detaches the program from
+/// their interfaces), maps and the layout marker. Returns what was removed.
+pub fn detach(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    // Links first, so no program runs on maps being removed.
+    entries.sort_by_key(|p| {
+        !p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("link-"))
+    });
+    for p in entries {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let ours =
+            name.starts_with("link-xdp-") || name.starts_with("layout-") || MAPS.contains(&name);
+        if !ours {
+            continue;
+        }
+        let r = if p.is_dir() {
+            std::fs::remove_dir(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.with_context(|| format!("removing {}", p.display()))?;
+        removed.push(p);
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
 
 /// Identity of a backend in the kernel: a new address is a new backend id, so flows tracked to
 /// the old address keep their (stored) destination.
@@ -66,7 +215,7 @@ pub struct Ids {
 
 pub struct KernelDataplane {
     ebpf: Ebpf,
-    links: Vec<(String, XdpLinkId)>,
+    links: Vec<String>,
     services: HashMap<String, LiveService>,
     backends: HashMap<BackendIdentity, u32>,
     /// What each ring holds, so a reload writes only the slots that change.
@@ -76,6 +225,31 @@ pub struct KernelDataplane {
     backend_filter: HashSet<u32>,
     filter: Vec<u32>,
     pinned: Option<PathBuf>,
+    /// Ids a previous daemon gave services and backends: reused so adopted flows' counters
+    /// and the tables stay consistent across a restart.
+    preferred: Ids,
+}
+
+/// A free id: `preferred` when it is free, else the lowest free one from `next`.
+fn take_id(
+    used: &mut HashSet<u32>,
+    next: &mut u32,
+    preferred: Option<u32>,
+    max: u32,
+    what: &str,
+) -> Result<u32> {
+    if let Some(p) = preferred.filter(|p| *p < max && !used.contains(p)) {
+        used.insert(p);
+        return Ok(p);
+    }
+    while used.contains(next) {
+        *next += 1;
+    }
+    if *next >= max {
+        bail!("no free {what} slot in the kernel (max {max})");
+    }
+    used.insert(*next);
+    Ok(*next)
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
@@ -89,8 +263,63 @@ fn map_err(name: &str) -> String {
 impl KernelDataplane {
     /// Load the program and its maps into the kernel (the verifier runs here).
     pub fn load() -> Result<KernelDataplane> {
+        Self::load_with(&mut EbpfLoader::new())
+    }
+
+    /// Load with every map pinned under `dir`, adopting the connection table and counters a
+    /// previous daemon left there (after checking their layout), so a restart keeps every
+    /// tracked flow. `attach` then replaces the pinned program atomically.
+    pub fn load_pinned(dir: &Path) -> Result<(KernelDataplane, Adoption)> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating pin directory {}", dir.display()))?;
+        let adopt = check_adoptable(dir)?;
+        let paths: Vec<(&str, PathBuf)> = ADOPTED.iter().map(|&n| (n, dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut dp = Self::load_with(&mut loader)?;
+        std::fs::create_dir_all(layout_marker(dir))
+            .with_context(|| format!("creating {}", layout_marker(dir).display()))?;
+        // The fresh tables replace the old pins (the running program keeps its own references).
+        for name in MAPS.iter().filter(|n| !ADOPTED.contains(n)) {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            dp.ebpf
+                .map(name)
+                .with_context(|| map_err(name))?
+                .pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        dp.pinned = Some(dir.to_owned());
+        let mut adoption = Adoption::default();
+        if adopt {
+            // Filter bits set by the previous daemon stay set (they are never cleared).
+            let arr: Array<_, u32> =
+                Array::try_from(dp.ebpf.map("ADDR_FILTER").context(map_err("ADDR_FILTER"))?)?;
+            for i in 0..FILTER_SIZE {
+                let v = arr.get(&i, 0).context("reading ADDR_FILTER")?;
+                dp.filter[i as usize] = v;
+                if v & FILTER_BACKEND != 0 {
+                    dp.backend_filter.insert(i);
+                }
+            }
+            adoption = Adoption {
+                adopted: true,
+                flows: dp.flow_entries()?,
+            };
+        }
+        Ok((dp, adoption))
+    }
+
+    /// Prefer these ids for services and backends not yet live (a previous daemon's).
+    pub fn prefer_ids(&mut self, ids: Ids) {
+        self.preferred = ids;
+    }
+
+    fn load_with(loader: &mut EbpfLoader) -> Result<KernelDataplane> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| {
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow::anyhow!(
                 "loading the eBPF object failed: {e} (needs root or CAP_BPF+CAP_NET_ADMIN, \
                  and a kernel with BPF and BTF)"
@@ -111,6 +340,7 @@ impl KernelDataplane {
             backend_filter: HashSet::new(),
             filter: vec![0; FILTER_SIZE as usize],
             pinned: None,
+            preferred: Ids::default(),
         })
     }
 
@@ -130,14 +360,73 @@ impl KernelDataplane {
 
     /// Attach to an interface; `mode` None lets the kernel choose (native where the driver has
     /// it, generic otherwise).
+    ///
+    /// With a pin directory, the link is pinned there so the program stays attached (and keeps
+    /// forwarding) while no daemon runs; a link a previous daemon pinned is taken over by
+    /// replacing its program atomically, so no packet sees the interface without one.
     pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<()> {
         check_interface(iface)?;
+        let Some(dir) = self.pinned.clone() else {
+            self.program()
+                .attach(iface, mode.unwrap_or_default())
+                .with_context(|| format!("attaching XDP to {iface}"))?;
+            self.links.push(iface.to_string());
+            return Ok(());
+        };
+        let pin = link_pin(&dir, iface);
+        if pin.exists() {
+            let replaced = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(XdpLink::try_from(FdLink::from(l))?))
+                .and_then(|l| Ok(self.program().attach_to_link(l)?));
+            match replaced {
+                Ok(_) => {
+                    self.links.push(iface.to_string());
+                    return Ok(());
+                }
+                Err(e) => {
+                    // A link whose interface went away cannot be updated: start afresh.
+                    tracing::warn!("taking over the XDP link pinned for {iface} failed ({e:#}); attaching anew");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
         let id = self
             .program()
             .attach(iface, mode.unwrap_or_default())
             .with_context(|| format!("attaching XDP to {iface}"))?;
-        self.links.push((iface.to_string(), id));
+        let link = self.program().take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                fd.pin(&pin)
+                    .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+            }
+            Err(e) => {
+                // Netlink attachments (kernels before 5.9) cannot be pinned; the program then
+                // detaches when this process exits.
+                bail!("the kernel attached XDP to {iface} without a BPF link ({e}); a pinned, restartable attachment needs Linux 5.9 or later")
+            }
+        }
+        self.links.push(iface.to_string());
         Ok(())
+    }
+
+    /// Detach interfaces a previous daemon pinned and this one does not serve any more.
+    pub fn release_other_links(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.pinned else {
+            return Ok(Vec::new());
+        };
+        let mut released = Vec::new();
+        for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix("link-xdp-") {
+                if !self.links.iter().any(|l| l == iface) {
+                    std::fs::remove_file(e.path())?;
+                    released.push(iface.to_string());
+                }
+            }
+        }
+        Ok(released)
     }
 
     /// Attach the connect-time ambassador (`connect4/6`, `getpeername4/6`) to a cgroup v2
@@ -179,24 +468,7 @@ impl KernelDataplane {
     }
 
     pub fn interfaces(&self) -> Vec<String> {
-        self.links.iter().map(|(i, _)| i.clone()).collect()
-    }
-
-    /// Pin every map under `dir` so `ambassador status` (another process) can read them.
-    pub fn pin_maps(&mut self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating pin directory {}", dir.display()))?;
-        for name in MAPS {
-            let path = dir.join(name);
-            let _ = std::fs::remove_file(&path);
-            self.ebpf
-                .map(name)
-                .with_context(|| map_err(name))?
-                .pin(&path)
-                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
-        }
-        self.pinned = Some(dir.to_owned());
-        Ok(())
+        self.links.clone()
     }
 
     /// Program a plan. Every table is written beside the live one and switched with a single
@@ -214,14 +486,13 @@ impl KernelDataplane {
             let id = match self.services.get(&s.name) {
                 Some(l) => l.id,
                 None => {
-                    while used_svc.contains(&next_svc) {
-                        next_svc += 1;
-                    }
-                    if next_svc >= MAX_SERVICES {
-                        bail!("no free service slot in the kernel (max {MAX_SERVICES})");
-                    }
-                    used_svc.insert(next_svc);
-                    next_svc
+                    let pref = self
+                        .preferred
+                        .services
+                        .iter()
+                        .find(|(n, _)| n == &s.name)
+                        .map(|&(_, id)| id);
+                    take_id(&mut used_svc, &mut next_svc, pref, MAX_SERVICES, "service")?
                 }
             };
             svc_ids.push(id);
@@ -235,14 +506,13 @@ impl KernelDataplane {
                 let id = match self.backends.get(&ident) {
                     Some(&id) => id,
                     None => {
-                        while used_be.contains(&next_be) {
-                            next_be += 1;
-                        }
-                        if next_be >= MAX_BACKENDS {
-                            bail!("no free backend slot in the kernel (max {MAX_BACKENDS})");
-                        }
-                        used_be.insert(next_be);
-                        next_be
+                        let pref = self
+                            .preferred
+                            .backends
+                            .iter()
+                            .find(|(sn, bn, _)| sn == &s.name && bn == &ident.id)
+                            .map(|&(_, _, id)| id);
+                        take_id(&mut used_be, &mut next_be, pref, MAX_BACKENDS, "backend")?
                     }
                 };
                 ids.push(id);
@@ -445,17 +715,6 @@ impl KernelDataplane {
         let flows: BpfHashMap<_, ambassador_ebpf::FlowKey, ambassador_ebpf::Flow> =
             BpfHashMap::try_from(m)?;
         Ok(flows.keys().filter(|k| k.is_ok()).count())
-    }
-}
-
-impl Drop for KernelDataplane {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.pinned {
-            for name in MAPS {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
-            let _ = std::fs::remove_dir(dir);
-        }
     }
 }
 
