@@ -25,6 +25,7 @@ use crate::{
         userspace::{ServiceRuntime, UserspaceDataplane},
         Plan,
     },
+    overrides::Overrides,
     tls::Sidecar,
 };
 
@@ -56,6 +57,10 @@ pub struct RunOptions {
     /// At exit, leave the XDP program attached and its maps pinned (for an upgrade: the next
     /// daemon adopts them) instead of detaching.
     pub keep_on_exit: bool,
+    /// The admin API's endpoint (default `STATE_DIR/admin.sock`).
+    pub admin: Option<crate::admin::Endpoint>,
+    /// The bearer token a TCP admin endpoint requires.
+    pub admin_token: Option<String>,
 }
 
 /// What the daemon publishes in `STATE_DIR/state.json` for `status`.
@@ -81,6 +86,9 @@ pub struct State {
     /// The sharding services' stats, as twemproxy's stats port shows them.
     #[serde(default)]
     pub shards: serde_json::Value,
+    /// Weights and drains set through the admin API, laid over `config`.
+    #[serde(default)]
+    pub overrides: Overrides,
 }
 
 impl State {
@@ -264,7 +272,10 @@ impl Daemon {
         Ok(out)
     }
 
+    /// Serve `cfg` with the runtime overrides laid over it.
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
+        let effective = self.state.overrides.overlay(cfg);
+        let cfg = &effective;
         let plan = Plan::build(cfg);
         for s in cfg.services.iter().filter(|s| s.sharding().is_some()) {
             self.local.ensure(s.listen.addr.ip())?;
@@ -348,6 +359,14 @@ impl Daemon {
                 self.state.last_error = Some(e.to_string());
             }
             Ok(cfg) => {
+                let before = self.state.overrides.clone();
+                for o in self.state.overrides.prune(&cfg) {
+                    warn!(
+                        service = %o.service,
+                        backend = %o.backend,
+                        "dropping the override of a backend the new config does not have"
+                    );
+                }
                 if !cfg.interfaces.is_empty()
                     && self.opts.interfaces.is_empty()
                     && self.kernel.is_some()
@@ -361,6 +380,7 @@ impl Daemon {
                         self.state.config = cfg;
                         self.state.ids = ids;
                         self.state.last_error = None;
+                        self.save_overrides();
                         info!(
                             reason = why,
                             generation = self.state.generation,
@@ -368,6 +388,7 @@ impl Daemon {
                         );
                     }
                     Err(e) => {
+                        self.state.overrides = before;
                         error!(
                             reason = why,
                             "config not applied, still serving generation {}: {e:#}",
@@ -379,6 +400,58 @@ impl Daemon {
             }
         }
         self.publish();
+    }
+
+    fn save_overrides(&self) {
+        if let Err(e) = self.state.overrides.save(&self.opts.state_dir) {
+            warn!("could not save the runtime overrides: {e:#}");
+        }
+    }
+
+    /// A change from the admin API: applied like a reload, answered with the new generation.
+    async fn admin(&mut self, req: crate::admin::AdminRequest) {
+        use crate::admin::Command;
+        let mut next = self.state.overrides.clone();
+        let checked = match &req.cmd {
+            Command::SetWeight {
+                service,
+                backend,
+                weight,
+            } => next.set_weight(&self.state.config, service, backend, *weight),
+            Command::Drain {
+                service,
+                backend,
+                drained,
+            } => next.set_drained(&self.state.config, service, backend, *drained),
+        };
+        if let Err(r) = checked {
+            let _ = req.reply.send(Err(r));
+            return;
+        }
+        let before = std::mem::replace(&mut self.state.overrides, next);
+        let cfg = self.state.config.clone();
+        let answer = match self.apply(&cfg).await {
+            Ok(ids) => {
+                self.state.generation += 1;
+                self.state.ids = ids;
+                self.save_overrides();
+                info!(change = ?req.cmd, generation = self.state.generation, "admin change applied");
+                Ok(self.state.generation)
+            }
+            Err(e) => {
+                self.state.overrides = before;
+                error!(change = ?req.cmd, "admin change not applied: {e:#}");
+                Err(crate::overrides::Refused {
+                    status: 500,
+                    message: format!(
+                        "not applied, still serving generation {}: {e:#}",
+                        self.state.generation
+                    ),
+                })
+            }
+        };
+        self.publish();
+        let _ = req.reply.send(answer);
     }
 
     fn reload_certificates(&mut self) {
@@ -472,6 +545,23 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         },
     };
     let xdp = kernel.is_some();
+    let mut overrides = Overrides::load(&opts.state_dir)?;
+    for o in overrides.prune(&cfg) {
+        warn!(service = %o.service, backend = %o.backend, "dropping the saved override of a backend the config does not have");
+    }
+    if !overrides.backends.is_empty() {
+        info!(
+            count = overrides.backends.len(),
+            "runtime overrides (set-weight, drain) restored"
+        );
+    }
+    let admin_endpoint = opts
+        .admin
+        .clone()
+        .unwrap_or_else(|| crate::admin::Endpoint::default_for(&opts.state_dir));
+    let (admin, mut admin_rx) =
+        crate::admin::Admin::new(opts.state_dir.clone(), opts.admin_token.clone());
+    crate::admin::serve(&admin_endpoint, admin.clone()).await?;
     let mut d = Daemon {
         state: State {
             pid: std::process::id(),
@@ -489,6 +579,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             last_error: None,
             userspace: Vec::new(),
             shards: serde_json::Value::Null,
+            overrides,
         },
         opts: opts.clone(),
         kernel,
@@ -529,6 +620,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     d.publish();
+    admin
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(admin = %admin_endpoint, "admin API serving");
     info!(
         services = cfg.services.len(),
         dataplane = if xdp { "xdp" } else { "userspace" },
@@ -563,6 +658,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 while tls_changes.rx.try_recv().is_ok() {}
                 d.reload_certificates();
             }
+            Some(req) = admin_rx.recv() => d.admin(req).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -571,6 +667,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tls_files = now;
             tls_changes = watch(&tls_files)?;
         }
+    }
+    if let crate::admin::Endpoint::Unix(p) = &admin_endpoint {
+        let _ = std::fs::remove_file(p);
     }
     let deadline = d
         .state

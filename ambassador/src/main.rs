@@ -47,8 +47,6 @@ enum Cmd {
         /// loaded and attached (auto, with a warning saying why when it cannot).
         #[arg(long, value_enum, default_value_t = DataplaneArg::Auto)]
         dataplane: DataplaneArg,
-        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Where the sharding services' stats are served (twemproxy's JSON: connect and read),
@@ -63,6 +61,31 @@ enum Cmd {
         /// adopts every tracked flow; `ambassador detach` removes them.
         #[arg(long)]
         keep_on_exit: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set a backend's weight on the running daemon (until the config file sets it again or
+    /// the backend leaves it; kept across restarts).
+    SetWeight {
+        service: String,
+        backend: String,
+        weight: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Send a backend no new flows; its open flows continue (`status` shows them fall to 0).
+    Drain {
+        service: String,
+        backend: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        service: String,
+        backend: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Remove the XDP links and maps a daemon pinned (after `run --keep-on-exit` or a crash):
     /// the program leaves its interfaces and tracked flows are forgotten.
@@ -79,6 +102,58 @@ enum Cmd {
         #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+}
+
+/// Where the admin API is, for `run` (serve) and the commands that use it.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Admin API endpoint: a unix socket path (default STATE_DIR/admin.sock, mode 0600) or a
+    /// loopback IP:PORT (needs --admin-token-file).
+    #[arg(long)]
+    admin: Option<ambassador::admin::Endpoint>,
+    /// File holding the bearer token of a TCP admin endpoint.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn endpoint(&self) -> ambassador::admin::Endpoint {
+        self.admin
+            .clone()
+            .unwrap_or_else(|| ambassador::admin::Endpoint::default_for(&self.state_dir))
+    }
+
+    fn token(&self) -> Result<Option<String>> {
+        self.admin_token_file
+            .as_deref()
+            .map(ambassador::admin::read_token)
+            .transpose()
+    }
+
+    /// POST a change and print the daemon's answer; a refusal is an error with its reason.
+    fn post(&self, path: &str, body: serde_json::Value) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (status, text) = rt.block_on(ambassador::admin::call(
+            &self.endpoint(),
+            self.token()?.as_deref(),
+            hyper::Method::POST,
+            path,
+            Some(body),
+        ))?;
+        if status != 200 {
+            return Err(anyhow!("{} (HTTP {status})", text.trim()));
+        }
+        let gen = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or_default();
+        println!("applied (generation {gen})");
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -167,11 +242,11 @@ fn real_main(cli: Cli) -> Result<()> {
             interfaces,
             xdp_mode,
             dataplane,
-            state_dir,
             pin_dir,
             stats_listen,
             workers,
             keep_on_exit,
+            admin,
         } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => None,
@@ -191,13 +266,40 @@ fn real_main(cli: Cli) -> Result<()> {
                 interfaces,
                 xdp_mode,
                 dataplane,
-                state_dir,
+                state_dir: admin.state_dir.clone(),
                 pin_dir,
                 stats_listen,
                 workers,
                 keep_on_exit,
+                admin: admin.admin.clone(),
+                admin_token: admin.token()?,
             }))
         }
+        Cmd::SetWeight {
+            service,
+            backend,
+            weight,
+            admin,
+        } => admin.post(
+            "/weight",
+            serde_json::json!({ "service": service, "backend": backend, "weight": weight }),
+        ),
+        Cmd::Drain {
+            service,
+            backend,
+            admin,
+        } => admin.post(
+            "/drain",
+            serde_json::json!({ "service": service, "backend": backend }),
+        ),
+        Cmd::Undrain {
+            service,
+            backend,
+            admin,
+        } => admin.post(
+            "/undrain",
+            serde_json::json!({ "service": service, "backend": backend }),
+        ),
         Cmd::Detach { pin_dir, state_dir } => {
             daemon::ensure_not_running(&state_dir)?;
             let removed = ambassador::dataplane::kernel::detach(&pin_dir)?;

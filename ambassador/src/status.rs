@@ -40,7 +40,13 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub name: String,
     pub address: String,
+    /// The weight in force: the config's, or one set with `set-weight`.
     pub weight: u32,
+    /// Set with `drain`: takes no new flows, open ones continue.
+    pub drained: bool,
+    /// Flows to this backend the connection table holds open (XDP only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_flows: Option<u64>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -51,6 +57,10 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
     let stats = match &state.pin_dir {
         Some(dir) => Stats::read_pinned(dir)?,
         None => Stats::default(),
+    };
+    let open = match &state.pin_dir {
+        Some(dir) => Some(crate::dataplane::kernel::open_flows_pinned(dir)?),
+        None => None,
     };
     let services = state
         .config
@@ -70,10 +80,15 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
                         .and_then(|(_, _, id)| stats.backends.get(*id as usize))
                         .copied()
                         .unwrap_or_default();
+                    let o = state.overrides.get(&s.name, &b.id());
                     BackendStatus {
                         name: b.id(),
                         address: b.address.to_string(),
-                        weight: b.weight,
+                        weight: o.and_then(|o| o.weight).unwrap_or(b.weight),
+                        drained: o.is_some_and(|o| o.drained),
+                        open_flows: open
+                            .as_ref()
+                            .map(|m| m.get(&b.address).copied().unwrap_or(0)),
                         packets: bc.packets,
                         bytes: bc.bytes,
                         new_flows: bc.new_flows,
@@ -138,7 +153,7 @@ pub fn render(r: &StatusReport) -> String {
     }
     let _ = writeln!(
         o,
-        "\n{:<16} {:<24} {:<12} {:<18} {:<24} {:>6} {:>10} {:>12} {:>10} {:>7}",
+        "\n{:<16} {:<24} {:<12} {:<18} {:<24} {:>8} {:>10} {:>12} {:>10} {:>7} {:>6}",
         "SERVICE",
         "LISTEN",
         "KEY",
@@ -148,7 +163,8 @@ pub fn render(r: &StatusReport) -> String {
         "PACKETS",
         "BYTES",
         "NEW FLOWS",
-        "SHARE"
+        "SHARE",
+        "OPEN"
     );
     for s in &r.services {
         for (i, b) in s.backends.iter().enumerate() {
@@ -162,10 +178,16 @@ pub fn render(r: &StatusReport) -> String {
             } else {
                 ("", "", "")
             };
+            let weight = if b.drained {
+                "drained".to_string()
+            } else {
+                b.weight.to_string()
+            };
+            let open = b.open_flows.map_or("-".to_string(), |n| n.to_string());
             let _ = writeln!(
                 o,
-                "{n:<16} {l:<24} {k:<12} {:<18} {:<24} {:>6} {:>10} {:>12} {:>10} {share:>7}",
-                b.name, b.address, b.weight, b.packets, b.bytes, b.new_flows
+                "{n:<16} {l:<24} {k:<12} {:<18} {:<24} {weight:>8} {:>10} {:>12} {:>10} {share:>7} {open:>6}",
+                b.name, b.address, b.packets, b.bytes, b.new_flows
             );
         }
         if let Some(pool) = r.shards.get(&s.name) {

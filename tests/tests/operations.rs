@@ -231,3 +231,236 @@ fn keep_on_exit_leaves_xdp_serving_and_detach_refuses_while_a_daemon_runs() {
     detach(&t);
     assert_eq!(xdp_attached(&t), [false; 3]);
 }
+
+/// `ambassador ARGS... --state-dir STATE` run in the lb namespace: (success, stdout, stderr).
+fn cli(t: &Topology, args: &[&str]) -> (bool, String, String) {
+    let out =
+        t.lb.command(ambassador_bin().to_str().unwrap())
+            .args(args)
+            .arg("--state-dir")
+            .arg(t.state_dir())
+            .output()
+            .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn backend<'a>(st: &'a serde_json::Value, service: &str, name: &str) -> &'a serde_json::Value {
+    st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .and_then(|s| {
+            s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == name)
+        })
+        .unwrap_or_else(|| panic!("no {service}/{name} in {st:#}"))
+}
+
+fn count(results: &[(IpAddr, Result<String, String>)], name: &str) -> usize {
+    results
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|b| b.starts_with(name)))
+        .count()
+}
+
+#[test]
+fn drain_takes_no_new_flows_keeps_open_ones_and_status_shows_them_fall_to_zero() {
+    let t = started(100, 1, 1);
+    let _in = t.client.enter();
+    let mut conns: Vec<(KeepAlive, String)> = t.clients4[..20]
+        .iter()
+        .map(|&c| {
+            let mut k = KeepAlive::open(c, vip4()).unwrap();
+            let b = k.get().unwrap();
+            (k, b)
+        })
+        .collect();
+    let on_exp = conns
+        .iter()
+        .filter(|(_, b)| b.starts_with("experiment"))
+        .count();
+    let on_web = conns.len() - on_exp;
+    assert!(
+        on_exp >= 3 && on_web >= 3,
+        "uneven start: {on_exp} on experiment"
+    );
+
+    let (ok, out, err) = cli(&t, &["drain", "frontend", "experiment"]);
+    assert!(ok, "drain failed: {err}");
+    assert!(out.contains("applied (generation 2)"), "{out}");
+    // New connections, from every client (the streaming ones too, on new ports): none to
+    // the drained backend.
+    let after = t.request_all(&t.clients4, vip4());
+    assert!(after.iter().all(|(_, r)| r.is_ok()), "a request failed");
+    assert_eq!(
+        count(&after, "experiment"),
+        0,
+        "a new flow went to the drained backend"
+    );
+    // Open connections on it continue.
+    for (k, b) in conns.iter_mut() {
+        assert_eq!(&k.get().expect("an open connection broke"), b);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let st = t.status();
+    let exp = backend(&st, "frontend", "experiment");
+    assert_eq!(exp["drained"], true, "{st:#}");
+    assert_eq!(exp["open_flows"], on_exp as u64, "{st:#}");
+    // Closed connections (the 100 requests above) are not counted open.
+    assert_eq!(
+        backend(&st, "frontend", "web")["open_flows"],
+        on_web as u64,
+        "{st:#}"
+    );
+    let (_, table, _) = cli(&t, &["status"]);
+    assert!(table.contains("drained"), "{table}");
+
+    // Close them: the drained backend's open flows fall to 0.
+    conns.clear();
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "open flows to fall to 0", || {
+        backend(&t.status(), "frontend", "experiment")["open_flows"] == 0
+    });
+
+    let (ok, _, err) = cli(&t, &["undrain", "frontend", "experiment"]);
+    assert!(ok, "undrain failed: {err}");
+    let back = t.request_all(&t.clients4, vip4());
+    let n = count(&back, "experiment");
+    assert!(
+        (30..=70).contains(&n),
+        "{n}/100 on experiment after undrain"
+    );
+}
+
+#[test]
+fn set_weight_moves_new_flows_survives_a_restart_and_bad_requests_change_nothing() {
+    let t = started(100, 1, 1);
+    // Refusals name the problem and change nothing.
+    for (args, want) in [
+        (
+            vec!["set-weight", "frontend", "nope", "3"],
+            "has no backend \"nope\"; it has web, experiment (HTTP 404)",
+        ),
+        (
+            vec!["set-weight", "nope", "web", "3"],
+            "no service \"nope\"",
+        ),
+        (
+            vec!["set-weight", "frontend", "web", "0"],
+            "weight 0 is out of range: use 1 to 10000",
+        ),
+        (vec!["drain", "frontend", "nope"], "HTTP 404"),
+    ] {
+        let (ok, _, err) = cli(&t, &args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(t.status()["generation"], 1);
+
+    let (ok, _, err) = cli(&t, &["set-weight", "frontend", "experiment", "9"]);
+    assert!(ok, "{err}");
+    let r = t.request_all(&t.clients4, vip4());
+    let n = count(&r, "experiment");
+    assert!(n >= 80, "{n}/100 on experiment at weight 9:1");
+    let st = t.status();
+    assert_eq!(backend(&st, "frontend", "experiment")["weight"], 9);
+    assert_eq!(st["generation"], 2);
+
+    // /metrics over the admin socket, in Prometheus text.
+    let sock = t.state_dir().join("admin.sock");
+    let metrics = t.lb.sh(&format!(
+        "curl -sf --unix-socket {} http://ambassador/metrics",
+        sock.display()
+    ));
+    assert!(
+        metrics.contains(
+            r#"ambassador_backend_weight{service="frontend",backend="experiment",address="10.200.3.2:80"} 9"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            r#"ambassador_backend_new_flows_total{{service="frontend",backend="experiment",address="10.200.3.2:80"}} {n}"#
+        )),
+        "{metrics}"
+    );
+    let mode = std::fs::metadata(&sock).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+
+    // The override outlives the daemon.
+    t.signal("KILL");
+    t.wait_daemon_exit();
+    t.start_daemon();
+    let st = t.status();
+    assert_eq!(
+        backend(&st, "frontend", "experiment")["weight"],
+        9,
+        "{st:#}"
+    );
+    let r = t.request_all(&t.clients4, vip4());
+    assert!(count(&r, "experiment") >= 80);
+}
+
+#[test]
+fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
+    let t = Topology::new(4);
+    t.write_config(&split_config(1, 1));
+    let token = t.dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let admin = "127.0.0.1:9901";
+    t.start_daemon_with(&[
+        "--admin",
+        admin,
+        "--admin-token-file",
+        token.to_str().unwrap(),
+    ]);
+    t.lb.ip("link set lo up");
+    let curl = |args: &str| {
+        t.lb.sh(&format!("curl -s -o /dev/null -w '%{{http_code}}' {args}"))
+    };
+    assert_eq!(curl(&format!("http://{admin}/live")), "401");
+    assert_eq!(
+        curl(&format!(
+            "-H 'Authorization: Bearer wrong' http://{admin}/ready"
+        )),
+        "401"
+    );
+    let auth = "-H 'Authorization: Bearer 0123456789abcdef0123'";
+    assert_eq!(curl(&format!("{auth} http://{admin}/live")), "200");
+    assert_eq!(curl(&format!("{auth} http://{admin}/ready")), "200");
+    assert_eq!(curl(&format!("{auth} -X POST http://{admin}/live")), "405");
+    assert_eq!(curl(&format!("{auth} http://{admin}/nope")), "404");
+    assert_eq!(
+        curl(&format!(
+            "{auth} -X POST -d '{{\"service\":1}}' http://{admin}/drain"
+        )),
+        "400"
+    );
+    let config = t.lb.sh(&format!("curl -sf {auth} http://{admin}/config"));
+    assert!(config.contains("name: experiment"), "{config}");
+    // The CLI reaches it with the same token file; without it, it is refused.
+    let (ok, _, err) = cli(&t, &["drain", "frontend", "web", "--admin", admin]);
+    assert!(!ok && err.contains("HTTP 401"), "{err}");
+    let (ok, _, err) = cli(
+        &t,
+        &[
+            "drain",
+            "frontend",
+            "web",
+            "--admin",
+            admin,
+            "--admin-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(backend(&t.status(), "frontend", "web")["drained"], true);
+}

@@ -854,3 +854,89 @@ fn is_bpffs(path: &Path) -> bool {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     }
 }
+
+/// How long a TCP flow with no FIN or RST stays counted open without packets (Cilium's
+/// established-TCP lifetime); a peer that vanished without closing leaves after this.
+pub const TCP_IDLE_SECS: u64 = 6 * 3600;
+/// How long a UDP flow stays counted open without packets.
+pub const UDP_IDLE_SECS: u64 = 60;
+
+/// The flow clock now ([`ambassador_ebpf::seen_clock`] of `bpf_ktime_get_coarse_ns`, which is
+/// `CLOCK_MONOTONIC_COARSE`).
+fn seen_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    ambassador_ebpf::seen_clock(ambassador_ebpf::fib_clock(ns))
+}
+
+/// Open flows per backend address, from the connection table pinned under `dir`: forward
+/// entries whose connection saw no FIN or RST in either direction and had a packet within
+/// [`TCP_IDLE_SECS`] / [`UDP_IDLE_SECS`]. Walks the whole table.
+pub fn open_flows_pinned(dir: &Path) -> Result<HashMap<SocketAddr, u64>> {
+    use ambassador_ebpf::{Flow, FlowKey, FLOW_FORWARD};
+    let path = dir.join("FLOWS");
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data)?;
+    let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(&map)?;
+    let entries: HashMap<FlowKey, Flow> = flows.iter().filter_map(|r| r.ok()).collect();
+    let now = seen_now();
+    // Seconds to flow-clock ticks (2^30 ns each).
+    let ticks = |secs: u64| ((secs * 1_000_000_000) >> 30) as u32;
+    let mut open = HashMap::new();
+    for (k, f) in &entries {
+        if f.direction != FLOW_FORWARD || f.closing != 0 {
+            continue;
+        }
+        let partner = entries.get(&FlowKey {
+            src: f.nat_addr,
+            dst: k.src,
+            sport: f.nat_port,
+            dport: k.sport,
+            proto: k.proto,
+            family: k.family,
+            _pad: 0,
+        });
+        if partner.is_some_and(|p| p.closing != 0) {
+            continue;
+        }
+        let last = partner.map_or(f.last_seen, |p| {
+            // The later of the two, on a wrapping clock.
+            if p.last_seen.wrapping_sub(f.last_seen) < u32::MAX / 2 {
+                p.last_seen
+            } else {
+                f.last_seen
+            }
+        });
+        let idle = if k.proto == ambassador_ebpf::PROTO_TCP {
+            TCP_IDLE_SECS
+        } else {
+            UDP_IDLE_SECS
+        };
+        if now.wrapping_sub(last) > ticks(idle) {
+            continue;
+        }
+        let ip = unwire_addr(&f.nat_addr, k.family);
+        let port = u16::from_be(f.nat_port);
+        *open.entry(SocketAddr::new(ip, port)).or_insert(0) += 1;
+    }
+    Ok(open)
+}
+
+/// An address as the maps hold it (wire words), back to an `IpAddr`.
+fn unwire_addr(a: &[u32; 4], family: u8) -> std::net::IpAddr {
+    if family == ambassador_ebpf::FAMILY_V4 {
+        std::net::IpAddr::from(a[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        std::net::IpAddr::from(o)
+    }
+}
