@@ -85,6 +85,84 @@ pub struct ServiceConfig {
     /// served by the userspace data plane on `listen`, with the same backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// Active health checks of the backends: an unhealthy backend leaves the table (only its
+    /// clients move) until it is healthy again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
+}
+
+/// How a backend is checked.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 `GET path` answered with `expect_status`.
+    Http,
+    /// No active checks: only failed connects seen by the userspace paths (passive).
+    None,
+}
+
+/// Active health checking, as nginx/HAProxy do it: every `interval`, a check that must finish
+/// within `timeout`; `fall` failures in a row mark a backend unhealthy, `rise` successes
+/// healthy again. Backends start healthy. When every backend of a service is unhealthy, all
+/// stay in the table (failing open beats refusing everyone).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default)]
+    pub check: HealthCheck,
+    /// Request path of an `http` check.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Status an `http` check expects.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Port to check instead of the backend's (required for UDP services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(with = "duration", default = "default_health_interval")]
+    pub interval: Duration,
+    #[serde(with = "duration", default = "default_health_timeout")]
+    pub timeout: Duration,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Passive checks (nginx's max_fails/fail_timeout): this many failed connects by the
+    /// userspace paths within `passive_window` take the backend out for `passive_window`
+    /// (or until active checks pass `rise` times). 0 turns them off.
+    #[serde(default = "default_passive_fails")]
+    pub passive_fails: u32,
+    #[serde(with = "duration", default = "default_passive_window")]
+    pub passive_window: Duration,
+}
+
+fn default_passive_fails() -> u32 {
+    3
+}
+fn default_passive_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 /// Limits with safe defaults: a slowloris cannot hold a handshake open, an idle connection
@@ -587,6 +665,9 @@ impl Config {
                 validate_redis(&at, s, r)?;
                 continue;
             }
+            if let Some(h) = &s.health {
+                validate_health(&at, s, h)?;
+            }
             if s.cgroup.is_some() && s.tls.is_some() {
                 return Err((
                     format!("{at}.cgroup"),
@@ -655,8 +736,76 @@ impl Config {
 
 type Invalid = (String, Option<String>, String, String);
 
+fn validate_health(at: &str, s: &ServiceConfig, h: &HealthConfig) -> Result<(), Invalid> {
+    let needle = Some("health:".to_string());
+    let err = |key: &str, message: String, fix: &str| {
+        Err((
+            format!("{at}.health{key}"),
+            needle.clone(),
+            message,
+            fix.to_string(),
+        ))
+    };
+    if h.interval < Duration::from_millis(50) || h.interval > Duration::from_secs(3600) {
+        return err(
+            ".interval",
+            format!("interval {:?} is out of range", h.interval),
+            "use 50ms to 1h",
+        );
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        return err(
+            ".timeout",
+            format!(
+                "timeout {:?} must be above 0 and at most the interval {:?}",
+                h.timeout, h.interval
+            ),
+            "make the timeout shorter than the interval",
+        );
+    }
+    for (k, v) in [(".rise", h.rise), (".fall", h.fall)] {
+        if v == 0 || v > 100 {
+            return err(
+                k,
+                format!("{} is out of range", v),
+                "use 1 to 100 checks in a row",
+            );
+        }
+    }
+    if h.check == HealthCheck::Http && !h.path.starts_with('/') {
+        return err(
+            ".path",
+            format!("path {:?} does not start with /", h.path),
+            "write the request path, e.g. /healthz",
+        );
+    }
+    if !(100..=599).contains(&h.expect_status) {
+        return err(
+            ".expect_status",
+            format!("{} is not an HTTP status", h.expect_status),
+            "use e.g. 200 or 204",
+        );
+    }
+    if s.listen.proto == Proto::Udp && h.port.is_none() {
+        return err(
+            ".port",
+            "a UDP service's backends cannot be checked over TCP on their own port".into(),
+            "set `port:` to a TCP (or HTTP) port the backends answer health checks on",
+        );
+    }
+    Ok(())
+}
+
 fn validate_redis(at: &str, s: &ServiceConfig, r: &RedisConfig) -> Result<(), Invalid> {
     let needle = Some("redis:".to_string());
+    if s.health.is_some() {
+        return Err((
+            format!("{at}.health"),
+            Some("health:".into()),
+            "a sharding service's servers are not health-checked: taking one out would move its keys".into(),
+            "remove `health`; set `auto_eject_hosts: true` (with server_failure_limit) if failing shards should be ejected".into(),
+        ));
+    }
     if !s.split.is_empty() {
         return Err((
             format!("{at}.split"),

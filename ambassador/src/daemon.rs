@@ -89,6 +89,9 @@ pub struct State {
     /// Weights and drains set through the admin API, laid over `config`.
     #[serde(default)]
     pub overrides: Overrides,
+    /// Health of the checked backends that failed at least once.
+    #[serde(default)]
+    pub health: Vec<crate::health::BackendHealth>,
 }
 
 impl State {
@@ -232,6 +235,7 @@ struct Daemon {
     started: std::time::Instant,
     sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
     local: LocalAddresses,
+    health: crate::health::Monitor,
     state: State,
 }
 
@@ -274,7 +278,8 @@ impl Daemon {
 
     /// Serve `cfg` with the runtime overrides laid over it.
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
-        let effective = self.state.overrides.overlay(cfg);
+        let file_cfg = cfg;
+        let effective = self.health.overlay(&self.state.overrides.overlay(cfg));
         let cfg = &effective;
         let plan = Plan::build(cfg);
         for s in cfg.services.iter().filter(|s| s.sharding().is_some()) {
@@ -288,7 +293,35 @@ impl Daemon {
             None => Ids::default(),
         };
         self.connect_time(cfg, &plan);
+        self.health.reconcile(file_cfg);
         Ok(ids)
+    }
+
+    /// A backend's health changed: rebuild the tables without (or with) it.
+    async fn health_event(&mut self, ev: crate::health::Event) {
+        let (service, backend, healthy, reason) = (
+            ev.service.clone(),
+            ev.backend.clone(),
+            ev.healthy,
+            ev.reason.clone(),
+        );
+        if !self.health.record(ev) {
+            return;
+        }
+        if healthy {
+            info!(%service, %backend, %reason, "backend healthy: back in the table");
+        } else {
+            warn!(%service, %backend, %reason, "backend unhealthy: out of the table (its open flows continue)");
+        }
+        let cfg = self.state.config.clone();
+        match self.apply(&cfg).await {
+            Ok(ids) => {
+                self.state.generation += 1;
+                self.state.ids = ids;
+            }
+            Err(e) => error!("applying a health change failed: {e:#}"),
+        }
+        self.publish();
     }
 
     /// Program and attach the connect-time ambassador for the services that name a cgroup.
@@ -471,6 +504,7 @@ impl Daemon {
     }
 
     fn publish(&mut self) {
+        self.state.health = self.health.report();
         self.state.userspace = self.userspace.counters.snapshot();
         if !self.shards.is_empty() {
             let doc = self.shards.stats_json(self.started.elapsed());
@@ -562,6 +596,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (admin, mut admin_rx) =
         crate::admin::Admin::new(opts.state_dir.clone(), opts.admin_token.clone());
     crate::admin::serve(&admin_endpoint, admin.clone()).await?;
+    let (health, mut health_rx) = crate::health::Monitor::new();
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Daemon {
         state: State {
             pid: std::process::id(),
@@ -580,6 +616,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             userspace: Vec::new(),
             shards: serde_json::Value::Null,
             overrides,
+            health: Vec::new(),
         },
         opts: opts.clone(),
         kernel,
@@ -594,7 +631,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         started: std::time::Instant::now(),
         sidecars: HashMap::new(),
         local: LocalAddresses::default(),
+        health,
     };
+    let _ = d.userspace.counters.failed_connects.set(failed_tx);
     d.state.ids = d.apply(&cfg).await?;
     if cfg.services.iter().any(|s| s.sharding().is_some()) {
         match tokio::net::TcpListener::bind(opts.stats_listen).await {
@@ -659,6 +698,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 d.reload_certificates();
             }
             Some(req) = admin_rx.recv() => d.admin(req).await,
+            Some(ev) = health_rx.recv() => d.health_event(ev).await,
+            Some((service, backend)) = failed_rx.recv() => {
+                if let Some(ev) = d.health.failed_connect(&service, backend) {
+                    d.health_event(ev).await;
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

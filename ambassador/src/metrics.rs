@@ -32,6 +32,12 @@ pub fn encode_report(r: &StatusReport) -> String {
     let weight = Family::<BackendLabels, Gauge>::default();
     let drained = Family::<BackendLabels, Gauge>::default();
     let open = Family::<BackendLabels, Gauge>::default();
+    let healthy = Family::<BackendLabels, Gauge>::default();
+    reg.register(
+        "backend_healthy",
+        "1 when the backend passes its health checks (services with `health` only)",
+        healthy.clone(),
+    );
     reg.register(
         "backend_packets",
         "Packets forwarded to and from the backend by XDP",
@@ -74,6 +80,9 @@ pub fn encode_report(r: &StatusReport) -> String {
             new_flows.get_or_create(&l).inc_by(b.new_flows);
             weight.get_or_create(&l).set(b.weight as i64);
             drained.get_or_create(&l).set(b.drained as i64);
+            if let Some(h) = &b.health {
+                healthy.get_or_create(&l).set((h == "healthy") as i64);
+            }
             if let Some(n) = b.open_flows {
                 open.get_or_create(&l).set(n as i64);
             }

@@ -47,6 +47,12 @@ pub struct BackendStatus {
     /// Flows to this backend the connection table holds open (XDP only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_flows: Option<u64>,
+    /// `healthy` or `unhealthy` for a service with `health`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// The check result behind `health` when it failed at least once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -81,11 +87,23 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
                         .copied()
                         .unwrap_or_default();
                     let o = state.overrides.get(&s.name, &b.id());
+                    let h = state
+                        .health
+                        .iter()
+                        .find(|h| h.service == s.name && h.backend == b.id());
                     BackendStatus {
                         name: b.id(),
                         address: b.address.to_string(),
                         weight: o.and_then(|o| o.weight).unwrap_or(b.weight),
                         drained: o.is_some_and(|o| o.drained),
+                        health: s.health.as_ref().map(|_| {
+                            match h {
+                                Some(h) if !h.healthy => "unhealthy",
+                                _ => "healthy",
+                            }
+                            .to_string()
+                        }),
+                        health_reason: h.map(|h| h.reason.clone()),
                         open_flows: open
                             .as_ref()
                             .map(|m| m.get(&b.address).copied().unwrap_or(0)),
@@ -180,6 +198,8 @@ pub fn render(r: &StatusReport) -> String {
             };
             let weight = if b.drained {
                 "drained".to_string()
+            } else if b.health.as_deref() == Some("unhealthy") {
+                "DOWN".to_string()
             } else {
                 b.weight.to_string()
             };

@@ -174,6 +174,7 @@ http {{
     listen 80 backlog=4096;
     listen [::]:80 backlog=4096;
     location / {{ default_type text/plain; return 200 \"{name} $remote_addr\\n\"; }}
+    location = /healthz {{ if (-f {d}/down) {{ return 503; }} return 200 \"ok\\n\"; }}
   }}
   server {{
     listen 8080 proxy_protocol;
@@ -217,6 +218,16 @@ http {{
                         .is_some()
                 },
             );
+        }
+    }
+
+    /// Make a backend's `/healthz` answer 503 (`healthy` false) or 200; `/` keeps serving.
+    pub fn set_healthz(&self, backend: &str, healthy: bool) {
+        let f = self.dir.join(format!("nginx-{backend}")).join("down");
+        if healthy {
+            let _ = std::fs::remove_file(f);
+        } else {
+            std::fs::write(f, "").unwrap();
         }
     }
 

@@ -464,3 +464,82 @@ fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
     assert!(ok, "{err}");
     assert_eq!(backend(&t.status(), "frontend", "web")["drained"], true);
 }
+
+#[test]
+fn an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back() {
+    let mut t = Topology::new(100);
+    t.start_nginx(1);
+    let cfg = split_config(1, 1).replacen(
+        "    listen: 10.200.0.100:80/tcp\n",
+        "    listen: 10.200.0.100:80/tcp\n    health: { check: http, path: /healthz, interval: 200ms, timeout: 150ms, fall: 2, rise: 2 }\n",
+        1,
+    );
+    t.write_config(&cfg);
+    t.start_daemon();
+    let before: std::collections::HashMap<IpAddr, String> = t
+        .request_all(&t.clients4, vip4())
+        .into_iter()
+        .map(|(c, r)| {
+            (
+                c,
+                r.expect("request").split(' ').next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let on_exp: Vec<IpAddr> = before
+        .iter()
+        .filter(|(_, b)| *b == "experiment")
+        .map(|(c, _)| *c)
+        .collect();
+    assert!(on_exp.len() >= 20, "{} on experiment", on_exp.len());
+    let mut open = {
+        let _in = t.client.enter();
+        let mut k = KeepAlive::open(on_exp[0], vip4()).unwrap();
+        assert!(k.get().unwrap().starts_with("experiment"));
+        k
+    };
+
+    t.set_healthz("experiment", false);
+    let health = |st: &serde_json::Value| backend(st, "frontend", "experiment")["health"].clone();
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "experiment unhealthy", || {
+        health(&t.status()) == "unhealthy"
+    });
+    let st = t.status();
+    assert!(
+        backend(&st, "frontend", "experiment")["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("answered 503, expected 200"),
+        "{st:#}"
+    );
+    let (_, table, _) = cli(&t, &["status"]);
+    assert!(table.contains("DOWN"), "{table}");
+    let down = t.request_all(&t.clients4, vip4());
+    for (c, r) in &down {
+        let b = r.as_ref().expect("request while a backend is down");
+        assert!(b.starts_with("web"), "{c} sent to the unhealthy backend");
+    }
+    // The open connection to it continues (its flow is tracked).
+    {
+        let _in = t.client.enter();
+        assert!(open
+            .get()
+            .expect("open connection broke")
+            .starts_with("experiment"));
+    }
+
+    t.set_healthz("experiment", true);
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "experiment healthy", || {
+        health(&t.status()) == "healthy"
+    });
+    // The same table as before: every client is back where it was.
+    let after = t.request_all(&t.clients4, vip4());
+    for (c, r) in after {
+        let b = r.expect("request");
+        assert!(
+            b.starts_with(&before[&c]),
+            "{c} moved: {} then {b}",
+            before[&c]
+        );
+    }
+}

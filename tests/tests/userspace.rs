@@ -288,3 +288,59 @@ fn a_half_written_or_vanished_config_is_rejected_and_the_running_one_keeps_servi
         get().starts_with("bravo")
     });
 }
+
+#[test]
+fn failed_connects_eject_a_backend_passively_until_its_window_passes() {
+    let mut t = Topology::new(100);
+    t.start_nginx(1);
+    // experiment's address answers, but nothing listens on port 81: connects are refused.
+    let cfg = split_config(1, 1)
+        .replacen("10.200.3.2:80", "10.200.3.2:81", 1)
+        .replacen(
+            "    listen: 10.200.0.100:80/tcp\n",
+            "    listen: 10.200.0.100:80/tcp\n    health: { check: none, passive_fails: 2, passive_window: 3s }\n",
+            1,
+        );
+    t.write_config(&cfg);
+    t.start_daemon_with(&["--dataplane", "userspace"]);
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    // Requests until the failed connects have taken experiment out.
+    let mut failed = 0;
+    {
+        let _in = t.client.enter();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in t.clients4.iter().cycle() {
+            assert!(
+                Instant::now() < deadline,
+                "not ejected:\n{}",
+                t.daemon_log()
+            );
+            if ambassador_tests::topology::http_get(*c, vip).is_err() {
+                failed += 1;
+            }
+            if failed >= 2 && t.status()["services"][0]["backends"][1]["health"] == "unhealthy" {
+                break;
+            }
+        }
+    }
+    let st = t.status();
+    let exp = &st["services"][0]["backends"][1];
+    assert_eq!(exp["name"], "experiment");
+    assert_eq!(exp["health"], "unhealthy", "{st:#}");
+    assert!(
+        exp["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 failed connects within 3s (passive)"),
+        "{st:#}"
+    );
+    let again = t.request_all(&t.clients4, vip);
+    assert!(
+        again.iter().all(|(_, r)| r.is_ok()),
+        "a request failed while ejected"
+    );
+    // After the window it is tried again (and fails again).
+    ambassador_tests::topology::wait_for(Duration::from_secs(6), "the ejection to end", || {
+        t.status()["services"][0]["backends"][1]["health"] == "healthy"
+    });
+}

@@ -70,6 +70,9 @@ pub struct Counters {
     pub handshake_failures: AtomicU64,
     pub backend_failures: AtomicU64,
     pub idle_closed: AtomicU64,
+    /// Where failed connects are reported for passive health checking (service, backend).
+    pub failed_connects:
+        std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, SocketAddr)>>,
 }
 
 impl Counters {
@@ -394,7 +397,7 @@ async fn serve_tcp(
     };
     match &rt.tls {
         None => {
-            let up = connect(backend, rt.limits.connect_timeout, counters).await?;
+            let up = connect(backend, rt, counters).await?;
             splice(stream, up, rt.limits.idle_timeout, counters).await
         }
         Some(sidecar) => {
@@ -417,7 +420,7 @@ async fn serve_tcp(
                 warn!(client = %peer, service = %rt.plan.name, "client certificate refused: {why}");
                 return Ok(());
             }
-            let mut up = connect(backend, rt.limits.connect_timeout, counters).await?;
+            let mut up = connect(backend, rt, counters).await?;
             if let Some(v) = sidecar.proxy_protocol {
                 up.write_all(&proxy_protocol::header(v, peer, local))
                     .await?;
@@ -427,23 +430,25 @@ async fn serve_tcp(
     }
 }
 
-async fn connect(backend: SocketAddr, limit: Duration, counters: &Counters) -> Result<TcpStream> {
-    match timeout(limit, TcpStream::connect(backend)).await {
+async fn connect(
+    backend: SocketAddr,
+    rt: &ServiceRuntime,
+    counters: &Counters,
+) -> Result<TcpStream> {
+    let limit = rt.limits.connect_timeout;
+    let e = match timeout(limit, TcpStream::connect(backend)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
-            Ok(s)
+            return Ok(s);
         }
-        Ok(Err(e)) => {
-            counters.backend_failures.fetch_add(1, Ordering::Relaxed);
-            Err(anyhow::anyhow!("connecting to backend {backend}: {e}"))
-        }
-        Err(_) => {
-            counters.backend_failures.fetch_add(1, Ordering::Relaxed);
-            Err(anyhow::anyhow!(
-                "connecting to backend {backend}: no answer within {limit:?}"
-            ))
-        }
+        Ok(Err(e)) => anyhow::anyhow!("connecting to backend {backend}: {e}"),
+        Err(_) => anyhow::anyhow!("connecting to backend {backend}: no answer within {limit:?}"),
+    };
+    counters.backend_failures.fetch_add(1, Ordering::Relaxed);
+    if let Some(tx) = counters.failed_connects.get() {
+        let _ = tx.send((rt.plan.name.clone(), backend));
     }
+    Err(e)
 }
 
 /// Copy both ways until both sides close, or until nothing moved for `idle`.

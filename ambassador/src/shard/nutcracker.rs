@@ -119,6 +119,7 @@ pub fn import(text: &str) -> Result<Config, String> {
             tls: None,
             limits: Limits::default(),
             cgroup: None,
+            health: None,
         });
         let sharding = RedisConfig {
             hash: p.hash.unwrap_or(Hash::Fnv1a_64),
