@@ -9,8 +9,24 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Parser)]
 #[command(version, about = "Node-level L4 ambassador with an XDP fast path")]
 struct Cli {
+    /// Log lines as text (default) or JSON objects (for log collectors).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -95,10 +111,20 @@ enum Cmd {
         #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Print a shell completion script (e.g. `ambassador completions bash > /etc/bash_completion.d/ambassador`).
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff), e.g. `ambassador man > /usr/share/man/man1/ambassador.1`.
+    Man,
     /// Services, backends, weights and kernel counters of the running daemon.
     Status {
         #[arg(long)]
         json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
         #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -172,14 +198,19 @@ enum XdpModeArg {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match real_main(Cli::parse()) {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+    match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -312,13 +343,50 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Status { json, state_dir } => {
+        Cmd::Status {
+            json,
+            watch,
+            state_dir,
+        } => {
+            if watch {
+                loop {
+                    // Clear the screen and home the cursor, then draw.
+                    let text = match status::report(&state_dir) {
+                        Ok(r) => status::render(&r),
+                        Err(e) => format!("{e:#}\n"),
+                    };
+                    print!("\x1b[2J\x1b[H{text}");
+                    use std::io::Write as _;
+                    std::io::stdout().flush()?;
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
             let r = status::report(&state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print!("{}", status::render(&r));
             }
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ambassador",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
     }

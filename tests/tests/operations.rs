@@ -416,13 +416,23 @@ fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
     let token = t.dir.join("token");
     std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
     let admin = "127.0.0.1:9901";
+    t.lb.ip("link set lo up");
     t.start_daemon_with(&[
         "--admin",
         admin,
         "--admin-token-file",
         token.to_str().unwrap(),
+        "--log-format",
+        "json",
     ]);
-    t.lb.ip("link set lo up");
+    // --log-format json: every log line is a JSON object with a message.
+    let log = t.daemon_log();
+    assert!(log.lines().count() >= 2, "{log}");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
     let curl = |args: &str| {
         t.lb.sh(&format!("curl -s -o /dev/null -w '%{{http_code}}' {args}"))
     };
@@ -542,4 +552,104 @@ fn an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back(
             before[&c]
         );
     }
+}
+
+/// The dashboard's DOM after its script ran, from headless Chromium inside the lb namespace.
+fn dashboard_dom(t: &Topology, url: &str) -> String {
+    let profile = t.dir.join(format!("chromium-{}", rand_suffix()));
+    let out =
+        t.lb.command("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--virtual-time-budget=4000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", url])
+            .output()
+            .expect("chromium is missing: `cargo xtask setup` installs it");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// `data-share` of a backend's row in the dashboard DOM.
+fn dom_share(dom: &str, service: &str, backend: &str) -> f64 {
+    let table = dom
+        .split(&format!("data-service=\"{service}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no table for {service} in:\n{dom}"));
+    let row = table
+        .split(&format!("data-backend=\"{backend}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row for {backend} in:\n{dom}"));
+    let v = row.split("data-share=\"").nth(1).unwrap();
+    v[..v.find('"').unwrap()].parse().unwrap()
+}
+
+#[test]
+fn dashboard_shows_the_backends_and_their_shares_move_after_set_weight() {
+    let mut t = Topology::new(100);
+    t.start_nginx(1);
+    t.write_config(&split_config(1, 1));
+    let token = t.dir.join("token");
+    std::fs::write(&token, "dashboard-token-0123456789\n").unwrap();
+    t.lb.ip("link set lo up");
+    let admin = "127.0.0.1:9902";
+    let tok = token.to_str().unwrap();
+    t.start_daemon_with(&["--admin", admin, "--admin-token-file", tok]);
+    let url = format!("http://{admin}/#token=dashboard-token-0123456789");
+
+    let r = t.request_all(&t.clients4, vip4());
+    assert!(r.iter().all(|(_, r)| r.is_ok()));
+    let dom = dashboard_dom(&t, &url);
+    assert!(
+        dom.contains("10.200.2.2:80") && dom.contains("10.200.3.2:80"),
+        "{dom}"
+    );
+    let before = dom_share(&dom, "frontend", "experiment");
+    assert!(
+        (0.3..=0.7).contains(&before),
+        "experiment share {before} at 1:1"
+    );
+
+    let (ok, _, err) = cli(
+        &t,
+        &[
+            "set-weight",
+            "frontend",
+            "experiment",
+            "9",
+            "--admin",
+            admin,
+            "--admin-token-file",
+            tok,
+        ],
+    );
+    assert!(ok, "{err}");
+    for _ in 0..2 {
+        let r = t.request_all(&t.clients4, vip4());
+        assert!(r.iter().all(|(_, r)| r.is_ok()));
+    }
+    let dom = dashboard_dom(&t, &url);
+    let after = dom_share(&dom, "frontend", "experiment");
+    assert!(
+        after > before + 0.15,
+        "experiment's share did not move after set-weight: {before} then {after}"
+    );
+    // The weight column shows the new weight.
+    let row = dom.split("data-backend=\"experiment\"").nth(1).unwrap();
+    assert!(row.contains(">9</td>"), "{row}");
 }

@@ -97,7 +97,8 @@ fn output(cmd: &str, args: &[&str]) -> String {
 /// Debian packages: LLVM 22 to build bpf-linker; iproute2/ethtool for the network-namespace
 /// tests; nginx as the real HTTP backend; openssl for the TLS interop tests; wrk and nftables
 /// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`;
-/// nutcracker and redis-server for the Redis placement golden tests.
+/// nutcracker and redis-server for the Redis placement golden tests; curl and chromium (headless)
+/// for the admin API and dashboard tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -116,6 +117,8 @@ const APT_PACKAGES: &[&str] = &[
     "redis-server",
     "redis-tools",
     "memcached",
+    "curl",
+    "chromium",
 ];
 
 fn setup() -> Result<()> {
