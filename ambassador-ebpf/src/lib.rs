@@ -173,8 +173,9 @@ pub struct Flow {
     pub _pad2: u16,
     /// When a packet of this direction was last seen, in [`seen_clock`] units (about a second).
     pub last_seen: u32,
-    /// The TCP FIN and RST bits seen in this direction ([`TCP_FIN`], [`TCP_RST`]): a flow with
-    /// either is closing, and a new SYN on its 5-tuple picks a backend again.
+    /// The TCP FIN and RST bits seen ([`TCP_FIN`], [`TCP_RST`]): in this direction, and on a
+    /// forward entry in either direction. A flow with either is closing, and a new SYN on its
+    /// 5-tuple picks a backend again.
     pub closing: u32,
 }
 

@@ -282,7 +282,7 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
             // backend again, so a drained or removed backend gets no new connections.
             let reopened = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && flow.closing != 0;
             if flow.direction == FLOW_FORWARD && !reopened {
-                mark_closing(f, tcp);
+                let _ = mark_closing(f, tcp);
                 rewrite_dst(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
                 count_backend(flow.backend, bytes, false);
                 return Ok(Verdict::Forward(f));
@@ -304,7 +304,23 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
             // SAFETY: a live map value for the duration of the program.
             let flow = unsafe { &*f };
             if flow.direction == FLOW_REVERSE {
-                mark_closing(f, tcp_flags(ctx, pkt)?);
+                let tcp = tcp_flags(ctx, pkt)?;
+                if mark_closing(f, tcp) {
+                    // The backend closed: say so on the forward entry too, which is the one
+                    // userspace counts open flows by (a FIN or RST is rare: one more lookup).
+                    let fkey = FlowKey {
+                        src: pkt.dst,
+                        dst: flow.nat_addr,
+                        sport: dport,
+                        dport: flow.nat_port,
+                        proto: pkt.proto,
+                        family: pkt.family,
+                        _pad: 0,
+                    };
+                    if let Some(ff) = FLOWS.get_ptr_mut(&fkey) {
+                        mark_closing(ff, tcp);
+                    }
+                }
                 rewrite_src(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
                 count_backend(flow.backend, bytes, false);
                 count(Stat::ReverseNat);
@@ -326,16 +342,19 @@ fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> Result<u32, ()> {
     }
 }
 
-/// Remember a FIN or RST (rare packets: the common case is one test, no write).
+/// Remember a FIN or RST (rare packets: the common case is one test, no write); true when a
+/// new bit was set.
 #[inline(always)]
-fn mark_closing(f: *mut Flow, tcp: u32) {
+fn mark_closing(f: *mut Flow, tcp: u32) -> bool {
     let bits = tcp & (TCP_FIN | TCP_RST);
     // SAFETY: a live map value for the duration of the program; racing writers only add bits.
     unsafe {
         if bits & !(*f).closing != 0 {
             (*f).closing |= bits;
+            return true;
         }
     }
+    false
 }
 
 /// [`touch`] on paths that do not read the clock for the FIB cache.

@@ -57,6 +57,8 @@ pub struct RunOptions {
     /// At exit, leave the XDP program attached and its maps pinned (for an upgrade: the next
     /// daemon adopts them) instead of detaching.
     pub keep_on_exit: bool,
+    /// Entries of a new connection table (both directions of a flow take one each).
+    pub flow_table_size: u32,
     /// The admin API's endpoint (default `STATE_DIR/admin.sock`).
     pub admin: Option<crate::admin::Endpoint>,
     /// The bearer token a TCP admin endpoint requires.
@@ -236,6 +238,8 @@ struct Daemon {
     sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
     local: LocalAddresses,
     health: crate::health::Monitor,
+    /// The plan last applied: the next one's tables are derived from it.
+    last_plan: Option<Plan>,
     state: State,
 }
 
@@ -281,7 +285,7 @@ impl Daemon {
         let file_cfg = cfg;
         let effective = self.health.overlay(&self.state.overrides.overlay(cfg));
         let cfg = &effective;
-        let plan = Plan::build(cfg);
+        let plan = Plan::build_from(cfg, self.last_plan.as_ref());
         for s in cfg.services.iter().filter(|s| s.sharding().is_some()) {
             self.local.ensure(s.listen.addr.ip())?;
         }
@@ -294,6 +298,7 @@ impl Daemon {
         };
         self.connect_time(cfg, &plan);
         self.health.reconcile(file_cfg);
+        self.last_plan = Some(plan);
         Ok(ids)
     }
 
@@ -532,7 +537,7 @@ fn start_kernel(
     for iface in interfaces {
         check_interface(iface)?;
     }
-    let (mut dp, adoption) = KernelDataplane::load_pinned(&opts.pin_dir)?;
+    let (mut dp, adoption) = KernelDataplane::load_pinned(&opts.pin_dir, opts.flow_table_size)?;
     if adoption.adopted {
         // The previous daemon's ids keep the new tables consistent with the adopted flows.
         if let Ok(old) = State::read(&opts.state_dir) {
@@ -566,6 +571,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         // Pinned flows this binary cannot adopt are a conflict to resolve, not a reason to
         // fall back to userspace beside a program still forwarding them.
         crate::dataplane::kernel::check_adoptable(&opts.pin_dir)?;
+        if !(1024..=1 << 26).contains(&opts.flow_table_size) {
+            bail!(
+                "--flow-table-size {} is out of range: use 1024 to 67108864 entries (each takes about 200 bytes of kernel memory)",
+                opts.flow_table_size
+            );
+        }
     }
     let kernel = match opts.dataplane {
         DataplaneMode::Userspace => None,
@@ -632,6 +643,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         sidecars: HashMap::new(),
         local: LocalAddresses::default(),
         health,
+        last_plan: None,
     };
     let _ = d.userspace.counters.failed_connects.set(failed_tx);
     d.state.ids = d.apply(&cfg).await?;
@@ -761,8 +773,24 @@ struct Watch {
 fn watch(paths: &[PathBuf]) -> Result<Watch> {
     use notify::{RecursiveMode, Watcher as _};
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Only events about the watched files count (or about `..`-prefixed entries: a ConfigMap
+    // volume swaps its `..data` symlink): a log file or state written beside the config must
+    // not trigger reloads.
+    let names: std::collections::HashSet<std::ffi::OsString> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        let Ok(ev) = ev else { return };
+        // Reading a file is an event too (ours included, when a reload reads the config):
+        // only changes count, or every reload would schedule the next.
+        let changed = !matches!(ev.kind, notify::EventKind::Access(_));
+        let relevant = changed
+            && ev.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+            });
+        if relevant {
             let _ = tx.send(());
         }
     })?;

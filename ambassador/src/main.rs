@@ -77,6 +77,10 @@ enum Cmd {
         /// adopts every tracked flow; `ambassador detach` removes them.
         #[arg(long)]
         keep_on_exit: bool,
+        /// Entries of the kernel connection table (two per flow; about 200 bytes each). An
+        /// adopted table keeps its size until `ambassador detach`.
+        #[arg(long, default_value_t = ambassador_ebpf::FLOW_TABLE_SIZE)]
+        flow_table_size: u32,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -277,6 +281,7 @@ fn real_main(cli: Cli) -> Result<()> {
             stats_listen,
             workers,
             keep_on_exit,
+            flow_table_size,
             admin,
         } => {
             let xdp_mode = match xdp_mode {
@@ -302,6 +307,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 stats_listen,
                 workers,
                 keep_on_exit,
+                flow_table_size,
                 admin: admin.admin.clone(),
                 admin_token: admin.token()?,
             }))

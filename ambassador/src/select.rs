@@ -26,14 +26,41 @@ pub struct Member {
 }
 
 /// A built lookup table: `slots[slot]` is an index into the member list, or [`NO_BACKEND`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// It keeps each slot's winning score and its members, so the next table can be derived from
+/// it by [`Table::rebuild`] in time proportional to what changed.
+#[derive(Debug, Clone)]
 pub struct Table {
     pub slots: Vec<u32>,
+    scores: Vec<f64>,
+    members: Vec<Member>,
+}
+
+/// Tables are equal when they send every slot to the same member.
+impl PartialEq for Table {
+    fn eq(&self, other: &Table) -> bool {
+        self.slots == other.slots && self.members == other.members
+    }
 }
 
 /// Per-member seed for the rendezvous scores.
 fn member_seed(id: &str) -> u32 {
     xxhash_rust::xxh32::xxh32(id.as_bytes(), 0x616d_6261)
+}
+
+/// A member's rendezvous score for a slot: lower wins.
+#[inline]
+fn score(slot: u32, seed: u32, inv_weight: f64) -> f64 {
+    let h = xxh32_40(&[slot, 0, 0, 0, 0, 0, 0, 0, 0, 0], seed);
+    // u in (0, 1): never 0, so ln is finite.
+    let u = (h as f64 + 0.5) / 4_294_967_296.0;
+    -u.ln() * inv_weight
+}
+
+/// Whether (score `a`, member `a_id`) beats the current best: ties (vanishingly rare) go to the
+/// smaller id, independent of list order.
+#[inline]
+fn beats(a: f64, a_id: &str, best: f64, best_id: Option<&str>) -> bool {
+    a < best || (a == best && best_id.is_some_and(|b| a_id < b))
 }
 
 impl Table {
@@ -42,34 +69,139 @@ impl Table {
     pub fn build(members: &[Member]) -> Table {
         let seeds: Vec<u32> = members.iter().map(|m| member_seed(&m.id)).collect();
         let inv_w: Vec<f64> = members.iter().map(|m| 1.0 / m.weight as f64).collect();
-        let slots = (0..TABLE_SIZE)
-            .map(|slot| {
-                let input = [slot, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-                let mut best = NO_BACKEND;
-                let mut best_score = f64::INFINITY;
-                for (i, (&seed, &iw)) in seeds.iter().zip(&inv_w).enumerate() {
-                    let h = xxh32_40(&input, seed);
-                    // u in (0, 1): never 0, so ln is finite.
-                    let u = (h as f64 + 0.5) / 4_294_967_296.0;
-                    let score = -u.ln() * iw;
-                    // Ties (vanishingly rare) go to the smaller id, independent of list order.
-                    if score < best_score
-                        || (score == best_score && members[i].id < members[best as usize].id)
-                    {
-                        best_score = score;
-                        best = i as u32;
-                    }
+        let mut slots = vec![NO_BACKEND; TABLE_SIZE as usize];
+        let mut scores = vec![f64::INFINITY; TABLE_SIZE as usize];
+        for slot in 0..TABLE_SIZE {
+            let (b, sc) = best_of(slot, members, &seeds, &inv_w, 0..members.len());
+            slots[slot as usize] = b;
+            scores[slot as usize] = sc;
+        }
+        Table {
+            slots,
+            scores,
+            members: members.to_vec(),
+        }
+    }
+
+    /// The table for `members`, derived from `prev` (a table for another member list): equal
+    /// to [`Table::build`]`(members)`, computed in time proportional to the change. Slots of
+    /// members that left or lost weight are recomputed over everyone; members that joined or
+    /// gained weight are scored on every slot and take the slots they now win.
+    pub fn rebuild(prev: &Table, members: &[Member]) -> Table {
+        let old: std::collections::HashMap<&str, u32> = prev
+            .members
+            .iter()
+            .map(|m| (m.id.as_str(), m.weight))
+            .collect();
+        let new_index: std::collections::HashMap<&str, u32> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.as_str(), i as u32))
+            .collect();
+        // Members whose scores improved (joined, or heavier): they may take slots anywhere.
+        let up: Vec<usize> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| old.get(m.id.as_str()).is_none_or(|&w| m.weight > w))
+            .map(|(i, _)| i)
+            .collect();
+        // Members whose scores got worse (left, or lighter): their slots are recomputed.
+        let down: std::collections::HashSet<&str> = prev
+            .members
+            .iter()
+            .filter(|m| {
+                new_index
+                    .get(m.id.as_str())
+                    .is_none_or(|&i| members[i as usize].weight < m.weight)
+            })
+            .map(|m| m.id.as_str())
+            .collect();
+        if members.is_empty() || prev.members.is_empty() || up.len() * 4 > members.len() {
+            return Table::build(members);
+        }
+        let seeds: Vec<u32> = members.iter().map(|m| member_seed(&m.id)).collect();
+        let inv_w: Vec<f64> = members.iter().map(|m| 1.0 / m.weight as f64).collect();
+        // Old member index → new index, or NO_BACKEND for one whose slots are recomputed.
+        let remap: Vec<u32> = prev
+            .members
+            .iter()
+            .map(|m| {
+                if down.contains(m.id.as_str()) {
+                    NO_BACKEND
+                } else {
+                    new_index[m.id.as_str()]
                 }
-                best
             })
             .collect();
-        Table { slots }
+        let mut slots = Vec::with_capacity(TABLE_SIZE as usize);
+        let mut scores = prev.scores.clone();
+        let mut recomputed = vec![false; TABLE_SIZE as usize];
+        for (slot, &o) in prev.slots.iter().enumerate() {
+            match remap.get(o as usize) {
+                Some(&n) if n != NO_BACKEND => slots.push(n),
+                _ => {
+                    let (b, sc) = best_of(slot as u32, members, &seeds, &inv_w, 0..members.len());
+                    slots.push(b);
+                    scores[slot] = sc;
+                    recomputed[slot] = true;
+                }
+            }
+        }
+        // Members that gained weight and own slots: refresh those scores first, so another
+        // improved member is compared against their new (better) scores.
+        let up_set: std::collections::HashSet<u32> = up.iter().map(|&i| i as u32).collect();
+        for slot in 0..TABLE_SIZE as usize {
+            let o = slots[slot];
+            if !recomputed[slot] && up_set.contains(&o) {
+                scores[slot] = score(slot as u32, seeds[o as usize], inv_w[o as usize]);
+            }
+        }
+        for &i in &up {
+            let id = members[i].id.as_str();
+            for slot in 0..TABLE_SIZE as usize {
+                if recomputed[slot] || slots[slot] == i as u32 {
+                    continue;
+                }
+                let sc = score(slot as u32, seeds[i], inv_w[i]);
+                let best_id = members.get(slots[slot] as usize).map(|m| m.id.as_str());
+                if beats(sc, id, scores[slot], best_id) {
+                    slots[slot] = i as u32;
+                    scores[slot] = sc;
+                }
+            }
+        }
+        Table {
+            slots,
+            scores,
+            members: members.to_vec(),
+        }
     }
 
     /// The member index for a slot.
     pub fn at(&self, slot: u32) -> u32 {
         self.slots[slot as usize]
     }
+}
+
+/// The best member (index, score) for a slot among `candidates`.
+fn best_of(
+    slot: u32,
+    members: &[Member],
+    seeds: &[u32],
+    inv_w: &[f64],
+    candidates: std::ops::Range<usize>,
+) -> (u32, f64) {
+    let mut best = NO_BACKEND;
+    let mut best_score = f64::INFINITY;
+    for i in candidates {
+        let sc = score(slot, seeds[i], inv_w[i]);
+        let best_id = members.get(best as usize).map(|m| m.id.as_str());
+        if best == NO_BACKEND || beats(sc, &members[i].id, best_score, best_id) {
+            best_score = sc;
+            best = i as u32;
+        }
+    }
+    (best, best_score)
 }
 
 /// Everything needed to pick a backend for a flow of one service.
@@ -179,6 +311,46 @@ mod tests {
             seed: 42,
             table: Table::build(&members(ws)),
         }
+    }
+
+    #[test]
+    fn rebuild_equals_build_after_any_change() {
+        use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut ms = members(&[1; 20]);
+        let mut t = Table::build(&ms);
+        for step in 0..60 {
+            let what = rng.gen_range(0..5);
+            match what {
+                0 | 1 => {
+                    let i = rng.gen_range(0..ms.len());
+                    ms[i].weight = rng.gen_range(1..100);
+                }
+                2 if ms.len() > 2 => {
+                    let i = rng.gen_range(0..ms.len());
+                    ms.remove(i);
+                }
+                3 => ms.push(Member {
+                    id: format!("new-{step}"),
+                    weight: rng.gen_range(1..100),
+                }),
+                _ => ms.shuffle(&mut rng),
+            }
+            let inc = Table::rebuild(&t, &ms);
+            assert_eq!(
+                inc.slots,
+                Table::build(&ms).slots,
+                "step {step} (change {what})"
+            );
+            t = inc;
+        }
+        // To and from no members at all.
+        assert!(Table::rebuild(&t, &[])
+            .slots
+            .iter()
+            .all(|&s| s == NO_BACKEND));
+        let empty = Table::build(&[]);
+        assert_eq!(Table::rebuild(&empty, &ms).slots, Table::build(&ms).slots);
     }
 
     #[test]

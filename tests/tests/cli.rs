@@ -193,11 +193,17 @@ fn auto_falls_back_to_userspace_with_a_warning_that_says_why() {
 fn completions_and_man_page_are_generated_from_the_cli() {
     let (code, bash, _) = amb(&["completions", "bash"]);
     assert_eq!(code, 0);
-    assert!(bash.contains("_ambassador()") && bash.contains("set-weight"), "{bash}");
+    assert!(
+        bash.contains("_ambassador()") && bash.contains("set-weight"),
+        "{bash}"
+    );
     let (code, zsh, _) = amb(&["completions", "zsh"]);
     assert_eq!(code, 0);
     assert!(zsh.starts_with("#compdef ambassador"), "{zsh}");
     let (code, man, _) = amb(&["man"]);
     assert_eq!(code, 0);
-    assert!(man.contains(".TH ambassador 1") && man.contains("drain"), "{man}");
+    assert!(
+        man.contains(".TH ambassador 1") && man.contains("drain"),
+        "{man}"
+    );
 }

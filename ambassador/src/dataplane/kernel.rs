@@ -90,16 +90,16 @@ pub struct Adoption {
     pub flows: usize,
 }
 
-/// Refuse maps this binary would misread: another layout version, or another shape. True when
-/// there is a connection table to adopt.
-pub fn check_adoptable(dir: &Path) -> Result<bool> {
+/// Refuse maps this binary would misread: another layout version, or another shape. The
+/// connection table's size when there is one to adopt (any size is adoptable).
+pub fn check_adoptable(dir: &Path) -> Result<Option<u32>> {
     let present: Vec<&str> = ADOPTED
         .iter()
         .copied()
         .filter(|n| dir.join(n).exists())
         .collect();
     if present.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     let fix = format!(
         "run `ambassador detach --pin-dir {}` to remove them (connections open through XDP are \
@@ -126,12 +126,18 @@ pub fn check_adoptable(dir: &Path) -> Result<bool> {
             }
         );
     }
+    let mut flows_size = None;
     for name in present {
         let path = dir.join(name);
         let info = MapData::from_pin(&path)
             .and_then(|d| d.info())
             .with_context(|| format!("reading pinned map {}", path.display()))?;
-        let (ty, key, value, max) = adopted_layout(name);
+        let (ty, key, value, mut max) = adopted_layout(name);
+        if name == "FLOWS" {
+            // The connection table's size is the operator's choice (--flow-table-size).
+            max = info.max_entries();
+            flows_size = Some(max);
+        }
         let have = (
             info.map_type().ok(),
             info.key_size(),
@@ -150,7 +156,7 @@ pub fn check_adoptable(dir: &Path) -> Result<bool> {
             );
         }
     }
-    Ok(true)
+    Ok(flows_size.or(Some(ambassador_ebpf::FLOW_TABLE_SIZE)))
 }
 
 /// Remove everything a daemon pinned under `dir`: XDP links (which detaches the program from
@@ -224,6 +230,8 @@ pub struct KernelDataplane {
     /// their replies translated until they end.
     backend_filter: HashSet<u32>,
     filter: Vec<u32>,
+    /// What each `BACKENDS` slot was last written with, so unchanged ones are not rewritten.
+    written_backends: HashMap<u32, Backend>,
     pinned: Option<PathBuf>,
     /// Ids a previous daemon gave services and backends: reused so adopted flows' counters
     /// and the tables stay consistent across a restart.
@@ -269,12 +277,27 @@ impl KernelDataplane {
     /// Load with every map pinned under `dir`, adopting the connection table and counters a
     /// previous daemon left there (after checking their layout), so a restart keeps every
     /// tracked flow. `attach` then replaces the pinned program atomically.
-    pub fn load_pinned(dir: &Path) -> Result<(KernelDataplane, Adoption)> {
+    ///
+    /// `flow_table_size` sizes a new connection table; an adopted one keeps its size (a
+    /// warning says so when they differ).
+    pub fn load_pinned(dir: &Path, flow_table_size: u32) -> Result<(KernelDataplane, Adoption)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating pin directory {}", dir.display()))?;
-        let adopt = check_adoptable(dir)?;
+        let pinned_size = check_adoptable(dir)?;
+        let adopt = pinned_size.is_some();
+        let size = match pinned_size {
+            Some(p) if p != flow_table_size => {
+                tracing::warn!(
+                    "the pinned connection table holds {p} entries, not {flow_table_size}: it is adopted as it is; the new size takes effect after `ambassador detach`"
+                );
+                p
+            }
+            Some(p) => p,
+            None => flow_table_size,
+        };
         let paths: Vec<(&str, PathBuf)> = ADOPTED.iter().map(|&n| (n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries("FLOWS", size);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -339,6 +362,7 @@ impl KernelDataplane {
             rings: HashMap::new(),
             backend_filter: HashSet::new(),
             filter: vec![0; FILTER_SIZE as usize],
+            written_backends: HashMap::new(),
             pinned: None,
             preferred: Ids::default(),
         })
@@ -533,7 +557,11 @@ impl KernelDataplane {
                         family,
                         valid: 1,
                     };
-                    backends.set(id, v, 0).context("writing BACKENDS")?;
+                    // Only what changed: a set-weight rewrites no backend.
+                    if self.written_backends.get(&id) != Some(&v) {
+                        backends.set(id, v, 0).context("writing BACKENDS")?;
+                        self.written_backends.insert(id, v);
+                    }
                     self.backend_filter.insert(filter_index(&addr));
                 }
             }
@@ -623,11 +651,14 @@ impl KernelDataplane {
             }
         }
 
-        // 6. The exact filter, now that removed services are gone.
+        // 6. The exact filter, now that removed services are gone: clear the bits only the old
+        //    filter had (step 4 left every entry at old | new).
         {
             let mut arr: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, "ADDR_FILTER")?)?;
-            for (i, &n) in filter.iter().enumerate() {
-                arr.set(i as u32, n, 0).context("writing ADDR_FILTER")?;
+            for (i, (&n, &o)) in filter.iter().zip(&self.filter).enumerate() {
+                if n | o != n {
+                    arr.set(i as u32, n, 0).context("writing ADDR_FILTER")?;
+                }
             }
         }
         self.filter = filter;
@@ -654,6 +685,7 @@ impl KernelDataplane {
             for (_, &id) in self.backends.iter() {
                 if !keep.contains(&id) {
                     backends.set(id, Backend::default(), 0)?;
+                    self.written_backends.remove(&id);
                 }
             }
         }
@@ -875,8 +907,9 @@ fn seen_now() -> u32 {
 }
 
 /// Open flows per backend address, from the connection table pinned under `dir`: forward
-/// entries whose connection saw no FIN or RST in either direction and had a packet within
-/// [`TCP_IDLE_SECS`] / [`UDP_IDLE_SECS`]. Walks the whole table.
+/// entries that saw no FIN or RST (the program marks those of either direction on the forward
+/// entry) and had a packet within [`TCP_IDLE_SECS`] / [`UDP_IDLE_SECS`]. Walks the whole table
+/// once, holding nothing but the counts.
 pub fn open_flows_pinned(dir: &Path) -> Result<HashMap<SocketAddr, u64>> {
     use ambassador_ebpf::{Flow, FlowKey, FLOW_FORWARD};
     let path = dir.join("FLOWS");
@@ -884,41 +917,21 @@ pub fn open_flows_pinned(dir: &Path) -> Result<HashMap<SocketAddr, u64>> {
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     let map = Map::from_map_data(data)?;
     let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(&map)?;
-    let entries: HashMap<FlowKey, Flow> = flows.iter().filter_map(|r| r.ok()).collect();
     let now = seen_now();
     // Seconds to flow-clock ticks (2^30 ns each).
     let ticks = |secs: u64| ((secs * 1_000_000_000) >> 30) as u32;
+    let (tcp_idle, udp_idle) = (ticks(TCP_IDLE_SECS), ticks(UDP_IDLE_SECS));
     let mut open = HashMap::new();
-    for (k, f) in &entries {
+    for (k, f) in flows.iter().filter_map(|r| r.ok()) {
         if f.direction != FLOW_FORWARD || f.closing != 0 {
             continue;
         }
-        let partner = entries.get(&FlowKey {
-            src: f.nat_addr,
-            dst: k.src,
-            sport: f.nat_port,
-            dport: k.sport,
-            proto: k.proto,
-            family: k.family,
-            _pad: 0,
-        });
-        if partner.is_some_and(|p| p.closing != 0) {
-            continue;
-        }
-        let last = partner.map_or(f.last_seen, |p| {
-            // The later of the two, on a wrapping clock.
-            if p.last_seen.wrapping_sub(f.last_seen) < u32::MAX / 2 {
-                p.last_seen
-            } else {
-                f.last_seen
-            }
-        });
         let idle = if k.proto == ambassador_ebpf::PROTO_TCP {
-            TCP_IDLE_SECS
+            tcp_idle
         } else {
-            UDP_IDLE_SECS
+            udp_idle
         };
-        if now.wrapping_sub(last) > ticks(idle) {
+        if now.wrapping_sub(f.last_seen) > idle {
             continue;
         }
         let ip = unwire_addr(&f.nat_addr, k.family);
