@@ -233,7 +233,6 @@ struct Daemon {
     connect_kernel: Option<KernelDataplane>,
     /// cgroups the connect-time programs are attached to.
     attached: std::collections::HashSet<PathBuf>,
-    shard_stats: Arc<arc_swap::ArcSwap<serde_json::Value>>,
     started: std::time::Instant,
     sidecars: HashMap<(String, TlsConfig), Arc<Sidecar>>,
     local: LocalAddresses,
@@ -513,7 +512,6 @@ impl Daemon {
         self.state.userspace = self.userspace.counters.snapshot();
         if !self.shards.is_empty() {
             let doc = self.shards.stats_json(self.started.elapsed());
-            self.shard_stats.store(Arc::new(doc.clone()));
             self.state.shards = doc;
         }
         if let Err(e) = self.state.write(&self.opts.state_dir) {
@@ -638,7 +636,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         shards: crate::shard::proxy::Pools::with_workers(opts.workers),
         connect_kernel: None,
         attached: Default::default(),
-        shard_stats: Default::default(),
         started: std::time::Instant::now(),
         sidecars: HashMap::new(),
         local: LocalAddresses::default(),
@@ -650,10 +647,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if cfg.services.iter().any(|s| s.sharding().is_some()) {
         match tokio::net::TcpListener::bind(opts.stats_listen).await {
             Ok(l) => {
-                let doc = d.shard_stats.clone();
-                tokio::spawn(crate::shard::proxy::serve_stats(l, move || {
-                    (*doc.load_full()).clone()
-                }));
+                // Read live at each request (the state file's copy is up to a second old).
+                tokio::spawn(crate::shard::proxy::serve_stats(
+                    l,
+                    d.shards.stats_source(d.started),
+                ));
                 info!(address = %opts.stats_listen, "sharding stats served (twemproxy's format)");
             }
             Err(e) => warn!(

@@ -26,12 +26,16 @@ pub struct Member {
 }
 
 /// A built lookup table: `slots[slot]` is an index into the member list, or [`NO_BACKEND`].
-/// It keeps each slot's winning score and its members, so the next table can be derived from
-/// it by [`Table::rebuild`] in time proportional to what changed.
+/// It keeps each slot's winning score, its runner-up when known, and its members, so the next
+/// table can be derived from it by [`Table::rebuild`] in time proportional to what changed.
 #[derive(Debug, Clone)]
 pub struct Table {
     pub slots: Vec<u32>,
     scores: Vec<f64>,
+    /// Each slot's second-best member, or [`NO_BACKEND`] when not known (then a slot whose
+    /// owner loses weight is rescored over everyone).
+    second: Vec<u32>,
+    second_scores: Vec<f64>,
     members: Vec<Member>,
 }
 
@@ -56,152 +60,226 @@ fn score(slot: u32, seed: u32, inv_weight: f64) -> f64 {
     -u.ln() * inv_weight
 }
 
-/// Whether (score `a`, member `a_id`) beats the current best: ties (vanishingly rare) go to the
-/// smaller id, independent of list order.
+/// Whether member `a` (with score `sa`) beats member `b` (score `sb`; [`NO_BACKEND`] is beaten
+/// by anyone). Ties (vanishingly rare) go to the smaller id, independent of list order.
 #[inline]
-fn beats(a: f64, a_id: &str, best: f64, best_id: Option<&str>) -> bool {
-    a < best || (a == best && best_id.is_some_and(|b| a_id < b))
+fn beats(members: &[Member], a: u32, sa: f64, b: u32, sb: f64) -> bool {
+    b == NO_BACKEND || sa < sb || (sa == sb && members[a as usize].id < members[b as usize].id)
+}
+
+/// The per-member values a table is scored with.
+struct Scoring<'a> {
+    members: &'a [Member],
+    seeds: Vec<u32>,
+    inv_w: Vec<f64>,
+}
+
+impl<'a> Scoring<'a> {
+    fn new(members: &'a [Member]) -> Scoring<'a> {
+        Scoring {
+            members,
+            seeds: members.iter().map(|m| member_seed(&m.id)).collect(),
+            inv_w: members.iter().map(|m| 1.0 / m.weight as f64).collect(),
+        }
+    }
+
+    fn score(&self, slot: usize, i: u32) -> f64 {
+        score(slot as u32, self.seeds[i as usize], self.inv_w[i as usize])
+    }
+
+    /// The best and second-best members of a slot: ((index, score), (index, score)).
+    fn best_two(&self, slot: usize) -> ((u32, f64), (u32, f64)) {
+        let (mut b1, mut s1, mut b2, mut s2) =
+            (NO_BACKEND, f64::INFINITY, NO_BACKEND, f64::INFINITY);
+        for i in 0..self.members.len() as u32 {
+            let sc = self.score(slot, i);
+            if beats(self.members, i, sc, b1, s1) {
+                (b2, s2) = (b1, s1);
+                (b1, s1) = (i, sc);
+            } else if beats(self.members, i, sc, b2, s2) {
+                (b2, s2) = (i, sc);
+            }
+        }
+        ((b1, s1), (b2, s2))
+    }
 }
 
 impl Table {
     /// Build the table for `members` (weights ≥ 1). An empty member list gives a table of
     /// [`NO_BACKEND`].
     pub fn build(members: &[Member]) -> Table {
-        let seeds: Vec<u32> = members.iter().map(|m| member_seed(&m.id)).collect();
-        let inv_w: Vec<f64> = members.iter().map(|m| 1.0 / m.weight as f64).collect();
-        let mut slots = vec![NO_BACKEND; TABLE_SIZE as usize];
-        let mut scores = vec![f64::INFINITY; TABLE_SIZE as usize];
-        for slot in 0..TABLE_SIZE {
-            let (b, sc) = best_of(slot, members, &seeds, &inv_w, 0..members.len());
-            slots[slot as usize] = b;
-            scores[slot as usize] = sc;
-        }
-        Table {
-            slots,
-            scores,
+        let sc = Scoring::new(members);
+        let n = TABLE_SIZE as usize;
+        let mut t = Table {
+            slots: vec![NO_BACKEND; n],
+            scores: vec![f64::INFINITY; n],
+            second: vec![NO_BACKEND; n],
+            second_scores: vec![f64::INFINITY; n],
             members: members.to_vec(),
+        };
+        for slot in 0..n {
+            t.rescore(&sc, slot);
         }
+        t
+    }
+
+    fn rescore(&mut self, sc: &Scoring, slot: usize) {
+        let ((b1, s1), (b2, s2)) = sc.best_two(slot);
+        self.slots[slot] = b1;
+        self.scores[slot] = s1;
+        self.second[slot] = b2;
+        self.second_scores[slot] = s2;
     }
 
     /// The table for `members`, derived from `prev` (a table for another member list): equal
-    /// to [`Table::build`]`(members)`, computed in time proportional to the change. Slots of
-    /// members that left or lost weight are recomputed over everyone; members that joined or
-    /// gained weight are scored on every slot and take the slots they now win.
+    /// to [`Table::build`]`(members)`, computed in time proportional to the change. Members that
+    /// joined or gained weight are scored on every slot and take the slots they now win; a slot
+    /// whose owner left or lost weight goes to its runner-up when that is known and still ahead,
+    /// and is rescored over everyone otherwise.
+    // Slots index five parallel arrays (old and new owners, scores, runners-up).
+    #[allow(clippy::needless_range_loop)]
     pub fn rebuild(prev: &Table, members: &[Member]) -> Table {
-        let old: std::collections::HashMap<&str, u32> = prev
-            .members
-            .iter()
-            .map(|m| (m.id.as_str(), m.weight))
-            .collect();
         let new_index: std::collections::HashMap<&str, u32> = members
             .iter()
             .enumerate()
             .map(|(i, m)| (m.id.as_str(), i as u32))
             .collect();
-        // Members whose scores improved (joined, or heavier): they may take slots anywhere.
-        let up: Vec<usize> = members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| old.get(m.id.as_str()).is_none_or(|&w| m.weight > w))
-            .map(|(i, _)| i)
-            .collect();
-        // Members whose scores got worse (left, or lighter): their slots are recomputed.
-        let down: std::collections::HashSet<&str> = prev
+        let old_weight: std::collections::HashMap<&str, u32> = prev
             .members
             .iter()
-            .filter(|m| {
-                new_index
-                    .get(m.id.as_str())
-                    .is_none_or(|&i| members[i as usize].weight < m.weight)
+            .map(|m| (m.id.as_str(), m.weight))
+            .collect();
+        // Members whose scores improved (joined, or heavier): they may take slots anywhere.
+        let up: Vec<u32> = (0..members.len() as u32)
+            .filter(|&i| {
+                let m = &members[i as usize];
+                old_weight.get(m.id.as_str()).is_none_or(|&w| m.weight > w)
             })
-            .map(|m| m.id.as_str())
             .collect();
         if members.is_empty() || prev.members.is_empty() || up.len() * 4 > members.len() {
             return Table::build(members);
         }
-        let seeds: Vec<u32> = members.iter().map(|m| member_seed(&m.id)).collect();
-        let inv_w: Vec<f64> = members.iter().map(|m| 1.0 / m.weight as f64).collect();
-        // Old member index → new index, or NO_BACKEND for one whose slots are recomputed.
-        let remap: Vec<u32> = prev
+        let sc = Scoring::new(members);
+        // Old index → (new index or NO_BACKEND if gone, whether its score changed).
+        let remap: Vec<(u32, bool)> = prev
             .members
             .iter()
-            .map(|m| {
-                if down.contains(m.id.as_str()) {
-                    NO_BACKEND
-                } else {
-                    new_index[m.id.as_str()]
-                }
+            .map(|m| match new_index.get(m.id.as_str()) {
+                Some(&n) => (n, members[n as usize].weight != m.weight),
+                None => (NO_BACKEND, true),
             })
             .collect();
-        let mut slots = Vec::with_capacity(TABLE_SIZE as usize);
-        let mut scores = prev.scores.clone();
-        let mut recomputed = vec![false; TABLE_SIZE as usize];
-        for (slot, &o) in prev.slots.iter().enumerate() {
-            match remap.get(o as usize) {
-                Some(&n) if n != NO_BACKEND => slots.push(n),
-                _ => {
-                    let (b, sc) = best_of(slot as u32, members, &seeds, &inv_w, 0..members.len());
-                    slots.push(b);
-                    scores[slot] = sc;
-                    recomputed[slot] = true;
+        let is_up = {
+            let mut v = vec![false; members.len()];
+            for &i in &up {
+                v[i as usize] = true;
+            }
+            v
+        };
+        let n = TABLE_SIZE as usize;
+        let mut t = Table {
+            slots: Vec::with_capacity(n),
+            scores: prev.scores.clone(),
+            second: Vec::with_capacity(n),
+            second_scores: prev.second_scores.clone(),
+            members: members.to_vec(),
+        };
+        let mut rescored = vec![false; n];
+        for slot in 0..n {
+            let (o, o_changed) = remap
+                .get(prev.slots[slot] as usize)
+                .copied()
+                .unwrap_or((NO_BACKEND, true));
+            let (s2, s2_changed) = remap
+                .get(prev.second[slot] as usize)
+                .copied()
+                .unwrap_or((NO_BACKEND, true));
+            // The runner-up stays known only if it is still here; its score is refreshed when
+            // its weight changed (a lighter one may have fallen behind others: forget it then).
+            let (mut s2, mut s2s) = (s2, t.second_scores[slot]);
+            if s2 != NO_BACKEND && s2_changed {
+                if is_up[s2 as usize] {
+                    s2s = sc.score(slot, s2);
+                } else {
+                    s2 = NO_BACKEND;
                 }
             }
-        }
-        // Members that gained weight and own slots: refresh those scores first, so another
-        // improved member is compared against their new (better) scores.
-        let up_set: std::collections::HashSet<u32> = up.iter().map(|&i| i as u32).collect();
-        for slot in 0..TABLE_SIZE as usize {
-            let o = slots[slot];
-            if !recomputed[slot] && up_set.contains(&o) {
-                scores[slot] = score(slot as u32, seeds[o as usize], inv_w[o as usize]);
+            let owner_down = o == NO_BACKEND || (o_changed && !is_up[o as usize]);
+            if !owner_down {
+                let os = if o_changed {
+                    sc.score(slot, o)
+                } else {
+                    t.scores[slot]
+                };
+                // A runner-up that gained weight may now be ahead.
+                let ((a, sa), (b, sb)) = if s2 != NO_BACKEND && beats(members, s2, s2s, o, os) {
+                    ((s2, s2s), (o, os))
+                } else {
+                    ((o, os), (s2, s2s))
+                };
+                t.slots.push(a);
+                t.scores[slot] = sa;
+                t.second.push(b);
+                t.second_scores[slot] = sb;
+                continue;
+            }
+            // The owner left or lost weight.
+            let os = (o != NO_BACKEND).then(|| sc.score(slot, o));
+            match (s2, os) {
+                (NO_BACKEND, _) => {
+                    t.slots.push(NO_BACKEND);
+                    t.second.push(NO_BACKEND);
+                    t.rescore_at(&sc, slot);
+                    rescored[slot] = true;
+                }
+                (s2, Some(os)) if beats(members, o, os, s2, s2s) => {
+                    // Still ahead of the runner-up, which stays the runner-up.
+                    t.slots.push(o);
+                    t.scores[slot] = os;
+                    t.second.push(s2);
+                    t.second_scores[slot] = s2s;
+                }
+                (s2, _) => {
+                    // The runner-up takes the slot; who is now second is not known.
+                    t.slots.push(s2);
+                    t.scores[slot] = s2s;
+                    t.second.push(NO_BACKEND);
+                    t.second_scores[slot] = f64::INFINITY;
+                }
             }
         }
         for &i in &up {
-            let id = members[i].id.as_str();
-            for slot in 0..TABLE_SIZE as usize {
-                if recomputed[slot] || slots[slot] == i as u32 {
+            for slot in 0..n {
+                // Rescored slots already weighed everyone; an owner or runner-up that gained
+                // weight was refreshed and ordered above.
+                if rescored[slot] || t.slots[slot] == i || t.second[slot] == i {
                     continue;
                 }
-                let sc = score(slot as u32, seeds[i], inv_w[i]);
-                let best_id = members.get(slots[slot] as usize).map(|m| m.id.as_str());
-                if beats(sc, id, scores[slot], best_id) {
-                    slots[slot] = i as u32;
-                    scores[slot] = sc;
+                let s = sc.score(slot, i);
+                if beats(members, i, s, t.slots[slot], t.scores[slot]) {
+                    t.second[slot] = t.slots[slot];
+                    t.second_scores[slot] = t.scores[slot];
+                    t.slots[slot] = i;
+                    t.scores[slot] = s;
+                } else if t.second[slot] != NO_BACKEND
+                    && beats(members, i, s, t.second[slot], t.second_scores[slot])
+                {
+                    t.second[slot] = i;
+                    t.second_scores[slot] = s;
                 }
             }
         }
-        Table {
-            slots,
-            scores,
-            members: members.to_vec(),
-        }
+        t
+    }
+
+    fn rescore_at(&mut self, sc: &Scoring, slot: usize) {
+        self.rescore(sc, slot);
     }
 
     /// The member index for a slot.
     pub fn at(&self, slot: u32) -> u32 {
         self.slots[slot as usize]
     }
-}
-
-/// The best member (index, score) for a slot among `candidates`.
-fn best_of(
-    slot: u32,
-    members: &[Member],
-    seeds: &[u32],
-    inv_w: &[f64],
-    candidates: std::ops::Range<usize>,
-) -> (u32, f64) {
-    let mut best = NO_BACKEND;
-    let mut best_score = f64::INFINITY;
-    for i in candidates {
-        let sc = score(slot, seeds[i], inv_w[i]);
-        let best_id = members.get(best as usize).map(|m| m.id.as_str());
-        if best == NO_BACKEND || beats(sc, &members[i].id, best_score, best_id) {
-            best_score = sc;
-            best = i as u32;
-        }
-    }
-    (best, best_score)
 }
 
 /// Everything needed to pick a backend for a flow of one service.
@@ -319,7 +397,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut ms = members(&[1; 20]);
         let mut t = Table::build(&ms);
-        for step in 0..60 {
+        for step in 0..150 {
             let what = rng.gen_range(0..5);
             match what {
                 0 | 1 => {

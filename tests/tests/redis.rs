@@ -382,17 +382,20 @@ fn command_classes_split_reassemble_and_refuse_clearly() {
         text.contains("ambassador_shard_requests_total{pool=\"cache\",server=\"shard-0\"}"),
         "{text}"
     );
-    let st = d.status();
-    let responses: u64 = (0..3)
-        .map(|i| {
-            st["shards"]["cache"][format!("shard-{i}")]["responses"]
-                .as_u64()
-                .unwrap_or(0)
-        })
-        .sum();
-    assert!(
-        responses > 4000,
-        "status --json shows the shard stats: {st}"
+    // `status` reads the state file, refreshed every second.
+    let responses = |st: &serde_json::Value| -> u64 {
+        (0..3)
+            .map(|i| {
+                st["shards"]["cache"][format!("shard-{i}")]["responses"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    wait_for(
+        Duration::from_secs(5),
+        "status to show the shard stats",
+        || responses(&d.status()) > 4000,
     );
 }
 

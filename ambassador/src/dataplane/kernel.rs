@@ -238,6 +238,53 @@ pub struct KernelDataplane {
     preferred: Ids,
 }
 
+/// `BPF_MAP_UPDATE_BATCH` of u32 keys and values into an array map (aya 0.14 has no batch
+/// API). Fails as a whole on kernels without it; the caller then writes element by element.
+fn update_batch(map: &MapData, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if keys.is_empty() {
+        return Ok(());
+    }
+    /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attr points at `keys`/`values`, live and of `count` u32 elements each (the
+    // map's key and value size) for the duration of the call; the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other("partial batch update"));
+    }
+    Ok(())
+}
+
 /// A free id: `preferred` when it is free, else the lowest free one from `next`.
 fn take_id(
     used: &mut HashSet<u32>,
@@ -719,13 +766,24 @@ impl KernelDataplane {
 
     fn write_ring(&mut self, ring: u32, want: Vec<u32>) -> Result<()> {
         let have = self.rings.remove(&ring);
-        let mut rings: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, "RINGS")?)?;
         let base = ring * TABLE_SIZE;
-        for (slot, &v) in want.iter().enumerate() {
-            if have.as_ref().map(|h| h[slot]) != Some(v) {
-                rings
-                    .set(base + slot as u32, v, 0)
-                    .context("writing RINGS")?;
+        let (keys, values): (Vec<u32>, Vec<u32>) = want
+            .iter()
+            .enumerate()
+            .filter(|(slot, &v)| have.as_ref().map(|h| h[*slot]) != Some(v))
+            .map(|(slot, &v)| (base + slot as u32, v))
+            .unzip();
+        let map = map_mut(&mut self.ebpf, "RINGS")?;
+        // One BPF_MAP_UPDATE_BATCH instead of a syscall per slot (a weight change moves
+        // thousands); element by element where the kernel lacks it (before 5.6).
+        let batched = match map {
+            Map::Array(d) => update_batch(d, &keys, &values).is_ok(),
+            _ => false,
+        };
+        if !batched {
+            let mut rings: Array<_, u32> = Array::try_from(map)?;
+            for (&k, &v) in keys.iter().zip(&values) {
+                rings.set(k, v, 0).context("writing RINGS")?;
             }
         }
         self.rings.insert(ring, want);

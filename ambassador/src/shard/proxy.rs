@@ -1149,7 +1149,12 @@ pub struct Pools {
     workers: Option<crate::dataplane::userspace::Workers>,
     /// How many (default: one per core).
     worker_count: Option<usize>,
+    /// The running pools by name, for stats read at request time from other tasks.
+    registry: Arc<ArcSwap<Vec<NamedPool>>>,
 }
+
+/// A running pool by service name; the pool is swapped on reload.
+type NamedPool = (String, Arc<ArcSwap<Pool>>);
 
 struct Running {
     listen: SocketAddr,
@@ -1240,11 +1245,39 @@ impl Pools {
                 },
             );
         }
+        let mut reg: Vec<NamedPool> = self
+            .running
+            .iter()
+            .map(|(n, r)| (n.clone(), r.pools.clone()))
+            .collect();
+        reg.sort_by(|a, b| a.0.cmp(&b.0));
+        self.registry.store(Arc::new(reg));
         Ok(())
+    }
+
+    /// A source of live stats documents (for the stats port): computed at each read, as
+    /// uptime counts from `started`.
+    pub fn stats_source(
+        &self,
+        started: std::time::Instant,
+    ) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
+        let registry = self.registry.clone();
+        move || stats_doc(&registry.load(), started.elapsed())
     }
 
     /// twemproxy's stats document: the same field names, so its dashboards keep working.
     pub fn stats_json(&self, uptime: Duration) -> serde_json::Value {
+        stats_doc(&self.registry.load(), uptime)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
+
+/// twemproxy's stats document for `pools` (sorted by name).
+fn stats_doc(pools: &[NamedPool], uptime: Duration) -> serde_json::Value {
+    {
         use serde_json::{json, Map, Value};
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1257,10 +1290,8 @@ impl Pools {
         doc.insert("uptime".into(), json!(uptime.as_secs()));
         doc.insert("timestamp".into(), json!(now));
         let mut curr = 0;
-        let mut names: Vec<&String> = self.running.keys().collect();
-        names.sort();
-        for name in names {
-            let p = self.running[name].pools.load_full();
+        for (name, pool) in pools {
+            let p = pool.load_full();
             let st = &p.stats;
             curr += st.client_connections.load(Relaxed);
             let mut pool = Map::new();
@@ -1296,10 +1327,6 @@ impl Pools {
         }
         doc.insert("curr_connections".into(), json!(curr));
         Value::Object(doc)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
     }
 }
 
