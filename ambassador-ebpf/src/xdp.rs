@@ -413,6 +413,12 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service) -> Res
         Some(id) if *id != NO_BACKEND => *id,
         _ => {
             count(Stat::NoBackend);
+            // Rare, and only written when the daemon logs at debug (AYA_LOG_LEVEL).
+            aya_log_ebpf::debug!(
+                ctx,
+                "service {}: no backend for a new flow (all drained, unhealthy or removed?)",
+                svc.id
+            );
             return Ok(false);
         }
     };

@@ -536,6 +536,9 @@ fn start_kernel(
         check_interface(iface)?;
     }
     let (mut dp, adoption) = KernelDataplane::load_pinned(&opts.pin_dir, opts.flow_table_size)?;
+    if let Err(e) = dp.spawn_log_reader() {
+        warn!("the XDP program's log messages are not read: {e:#}");
+    }
     if adoption.adopted {
         // The previous daemon's ids keep the new tables consistent with the adopted flows.
         if let Ok(old) = State::read(&opts.state_dir) {

@@ -267,8 +267,13 @@ http {{
     /// Start `ambassador run ARGS...` in the lb namespace and wait until it serves (a daemon
     /// killed before is reaped first).
     pub fn start_daemon_with(&self, args: &[&str]) {
+        self.start_daemon_env("", args)
+    }
+
+    /// The same with environment settings (`VAR=value ...`) for the daemon.
+    pub fn start_daemon_env(&self, env: &str, args: &[&str]) {
         let cmd = format!(
-            "{} run --config {} --state-dir {} --pin-dir {} {}",
+            "env {env} {} run --config {} --state-dir {} --pin-dir {} {}",
             ambassador_bin().display(),
             self.config_path().display(),
             self.state_dir().display(),

@@ -653,3 +653,35 @@ fn dashboard_shows_the_backends_and_their_shares_move_after_set_weight() {
     let row = dom.split("data-backend=\"experiment\"").nth(1).unwrap();
     assert!(row.contains(">9</td>"), "{row}");
 }
+
+#[test]
+fn the_kernel_programs_log_messages_reach_the_daemon_log_at_debug() {
+    let mut t = Topology::new(4);
+    t.start_nginx(1);
+    t.write_config(&split_config(1, 1));
+    t.start_daemon_env("RUST_LOG=info,ambassador::xdp=debug", &[]);
+    // Nothing to pick from: the XDP program says so through aya-log.
+    for b in ["web", "experiment"] {
+        let (ok, _, err) = cli(&t, &["drain", "frontend", b]);
+        assert!(ok, "{err}");
+    }
+    let r = {
+        let _in = t.client.enter();
+        http_get(t.clients4[0], vip4())
+    };
+    assert!(r.is_err(), "a request with every backend drained got {r:?}");
+    ambassador_tests::topology::wait_for(Duration::from_secs(5), "the kernel's message", || {
+        t.daemon_log()
+            .contains("no backend for a new flow (all drained, unhealthy or removed?)")
+    });
+    let line = t
+        .daemon_log()
+        .lines()
+        .find(|l| l.contains("no backend for a new flow"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("DEBUG") && line.contains("service 0"),
+        "{line}"
+    );
+}

@@ -389,6 +389,16 @@ impl KernelDataplane {
 
     fn load_with(loader: &mut EbpfLoader) -> Result<KernelDataplane> {
         raise_memlock_limit();
+        // The program's aya-log statements write only when they would be shown: at debug for
+        // its target (`RUST_LOG=ambassador=debug`), nothing otherwise.
+        static DEBUG: u8 = 4; // aya_log_common::Level::Debug
+        static OFF: u8 = 0;
+        let level = if tracing::enabled!(target: "ambassador::xdp", tracing::Level::DEBUG) {
+            &DEBUG
+        } else {
+            &OFF
+        };
+        loader.override_global("AYA_LOG_LEVEL", level, false);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow::anyhow!(
                 "loading the eBPF object failed: {e} (needs root or CAP_BPF+CAP_NET_ADMIN, \
@@ -413,6 +423,28 @@ impl KernelDataplane {
             pinned: None,
             preferred: Ids::default(),
         })
+    }
+
+    /// Read the program's log messages (aya-log) as they arrive on its ring buffer, in a task
+    /// of the current tokio runtime; they go to `log`, which tracing-subscriber bridges into
+    /// tracing (target `ambassador::xdp`). Once per object.
+    pub fn spawn_log_reader(&mut self) -> Result<()> {
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .map_err(|e| anyhow::anyhow!("the XDP program's log ring buffer: {e}"))?;
+        // SAFETY: the AsyncFd owns the logger, which owns the ring buffer's fd: it stays open,
+        // and is the same fd, for the AsyncFd's whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("watching the XDP program's log ring buffer: {e}"))?;
+        let mut fd = fd;
+        tokio::spawn(async move {
+            while let Ok(mut ready) = fd.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+        Ok(())
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
