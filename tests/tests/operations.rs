@@ -164,6 +164,10 @@ fn pinned_maps_of_another_layout_are_refused_with_the_fix_and_detach_removes_the
         .filter(|n| n.starts_with("layout-"))
         .collect();
     assert_eq!(markers.len(), 1, "one layout marker: {markers:?}");
+    assert!(
+        t.pin_dir.join("prog-ambassador_xdp").exists(),
+        "the XDP program is pinned"
+    );
 
     // A table left by a binary of another layout version.
     std::fs::remove_dir(t.pin_dir.join(&markers[0])).unwrap();

@@ -177,8 +177,10 @@ pub fn detach(dir: &Path) -> Result<Vec<PathBuf>> {
     });
     for p in entries {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let ours =
-            name.starts_with("link-xdp-") || name.starts_with("layout-") || MAPS.contains(&name);
+        let ours = name.starts_with("link-xdp-")
+            || name.starts_with("prog-")
+            || name.starts_with("layout-")
+            || MAPS.contains(&name);
         if !ours {
             continue;
         }
@@ -361,6 +363,13 @@ impl KernelDataplane {
                 .pin(&path)
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
+        // The program too, so bpftool and operators see what runs (the pinned links keep it
+        // attached either way); a restart pins its own program over the old one's.
+        let prog_pin = dir.join(format!("prog-{PROGRAM}"));
+        let _ = std::fs::remove_file(&prog_pin);
+        dp.program()
+            .pin(&prog_pin)
+            .with_context(|| format!("pinning the XDP program at {}", prog_pin.display()))?;
         dp.pinned = Some(dir.to_owned());
         let mut adoption = Adoption::default();
         if adopt {
