@@ -90,6 +90,8 @@ pub struct Admin {
     pub ready: AtomicBool,
     /// Required (as `Authorization: Bearer TOKEN`) on TCP.
     token: Option<String>,
+    /// The last status report and when it was built (see [`report`]).
+    last_report: tokio::sync::Mutex<Option<(std::time::Instant, Arc<crate::status::StatusReport>)>>,
 }
 
 impl Admin {
@@ -104,6 +106,7 @@ impl Admin {
                 tx,
                 ready: AtomicBool::new(false),
                 token,
+                last_report: Default::default(),
             }),
             rx,
         )
@@ -256,7 +259,7 @@ async fn handle(admin: Arc<Admin>, tcp: bool, req: Request<Incoming>) -> Result<
             Ok(r) => reply(
                 200,
                 "application/json",
-                serde_json::to_vec_pretty(&r).unwrap_or_default(),
+                serde_json::to_vec_pretty(&*r).unwrap_or_default(),
             ),
             Err(e) => text(503, format!("{e:#}")),
         },
@@ -296,11 +299,24 @@ async fn handle(admin: Arc<Admin>, tcp: bool, req: Request<Incoming>) -> Result<
     Ok(resp)
 }
 
-async fn report(admin: &Admin) -> Result<crate::status::StatusReport> {
+/// The status report, shared by requests within a second of each other: building it walks the
+/// whole connection table (seconds at a million entries), so a dashboard polling every second,
+/// a scraper and the CLI must not each start a walk. One walk runs at a time.
+async fn report(admin: &Admin) -> Result<Arc<crate::status::StatusReport>> {
+    let mut last = admin.last_report.lock().await;
+    if let Some((at, r)) = last.as_ref() {
+        if at.elapsed() < std::time::Duration::from_secs(1) {
+            return Ok(r.clone());
+        }
+    }
     let dir = admin.state_dir.clone();
-    tokio::task::spawn_blocking(move || crate::status::report(&dir))
-        .await
-        .map_err(|e| anyhow!("status task: {e}"))?
+    let r = Arc::new(
+        tokio::task::spawn_blocking(move || crate::status::report(&dir))
+            .await
+            .map_err(|e| anyhow!("status task: {e}"))??,
+    );
+    *last = Some((std::time::Instant::now(), r.clone()));
+    Ok(r)
 }
 
 /// The command a POST asks for, or why its body is wrong.

@@ -89,30 +89,27 @@ impl Monitor {
     /// Run a check task for every backend of every service with `health`, and only those;
     /// a backend whose address or check changed starts over (healthy).
     pub fn reconcile(&mut self, cfg: &Config) {
-        let mut want = HashMap::new();
+        let mut want = std::collections::HashSet::new();
         for s in &cfg.services {
             let Some(h) = &s.health else { continue };
             for b in &s.split.backends {
-                want.insert(
-                    Key {
-                        service: s.name.clone(),
-                        backend: b.id(),
-                        address: b.address,
-                        health: h.clone(),
-                    },
-                    (),
-                );
+                want.insert(Key {
+                    service: s.name.clone(),
+                    backend: b.id(),
+                    address: b.address,
+                    health: h.clone(),
+                });
             }
         }
         self.tasks.retain(|k, t| {
-            let keep = want.contains_key(k);
+            let keep = want.contains(k);
             if !keep {
                 t.abort();
             }
             keep
         });
         let live: std::collections::HashSet<(String, String)> = want
-            .keys()
+            .iter()
             .map(|k| (k.service.clone(), k.backend.clone()))
             .collect();
         self.state.retain(|k, _| live.contains(k));
@@ -121,7 +118,7 @@ impl Monitor {
                 .keys()
                 .any(|k| &k.service == s && &k.address == a)
         });
-        for k in want.into_keys() {
+        for k in want {
             if !self.tasks.contains_key(&k) {
                 self.state.remove(&(k.service.clone(), k.backend.clone()));
                 let t = tokio::spawn(run(k.clone(), self.tx.clone()));

@@ -229,7 +229,7 @@ impl Table {
                 (NO_BACKEND, _) => {
                     t.slots.push(NO_BACKEND);
                     t.second.push(NO_BACKEND);
-                    t.rescore_at(&sc, slot);
+                    t.rescore(&sc, slot);
                     rescored[slot] = true;
                 }
                 (s2, Some(os)) if beats(members, o, os, s2, s2s) => {
@@ -270,10 +270,6 @@ impl Table {
             }
         }
         t
-    }
-
-    fn rescore_at(&mut self, sc: &Scoring, slot: usize) {
-        self.rescore(sc, slot);
     }
 
     /// The member index for a slot.

@@ -3,7 +3,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    process::Command,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -31,19 +30,9 @@ fn xdp_attached(t: &Topology) -> [bool; 3] {
 }
 
 fn detach(t: &Topology) -> String {
-    let out = Command::new(ambassador_bin())
-        .args(["detach", "--pin-dir"])
-        .arg(&t.pin_dir)
-        .arg("--state-dir")
-        .arg(t.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "detach failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = cli(t, &["detach", "--pin-dir", t.pin_dir.to_str().unwrap()]);
+    assert!(ok, "detach failed: {err}");
+    out
 }
 
 #[test]
@@ -213,18 +202,11 @@ fn pinned_maps_of_another_layout_are_refused_with_the_fix_and_detach_removes_the
 #[test]
 fn keep_on_exit_leaves_xdp_serving_and_detach_refuses_while_a_daemon_runs() {
     let t = started(4, 9, 1);
-    let out = Command::new(ambassador_bin())
-        .args(["detach", "--pin-dir"])
-        .arg(&t.pin_dir)
-        .arg("--state-dir")
-        .arg(t.state_dir())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "detach ran under a live daemon");
+    let (ok, _, err) = cli(&t, &["detach", "--pin-dir", t.pin_dir.to_str().unwrap()]);
+    assert!(!ok, "detach ran under a live daemon");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("a running daemon owns what is pinned"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("a running daemon owns what is pinned"),
+        "{err}"
     );
     t.stop_daemon();
     t.start_daemon_with(&["--keep-on-exit"]);
