@@ -221,7 +221,7 @@ struct BackendBody {
 }
 
 /// Compare without an early exit, so response timing says nothing about the token.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
@@ -412,7 +412,7 @@ pub async fn call(
     }
 }
 
-async fn send<I>(io: TokioIo<I>, req: Request<Full<Bytes>>) -> Result<(u16, String)>
+pub(crate) async fn send<I>(io: TokioIo<I>, req: Request<Full<Bytes>>) -> Result<(u16, String)>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

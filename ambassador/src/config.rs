@@ -38,7 +38,11 @@ pub struct Config {
     /// Interfaces the XDP program attaches to (`--interface` overrides).
     #[serde(default)]
     pub interfaces: Vec<String>,
+    #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// Repositories the daemon keeps synced and published (the git-push PaaS sidecar).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gitsync: Vec<crate::gitsync::Spec>,
 }
 
 impl Config {
@@ -203,7 +207,7 @@ impl Default for Limits {
 }
 
 /// Durations written the way people write them: `10s`, `500ms`, `5m`.
-mod duration {
+pub(crate) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -536,7 +540,21 @@ impl Config {
 
     /// Cross-field rules serde cannot express. Errors carry (key, text to locate, message, fix).
     fn validate(&self) -> Result<(), (String, Option<String>, String, String)> {
-        if self.services.is_empty() {
+        let mut jobs = HashSet::new();
+        for (i, g) in self.gitsync.iter().enumerate() {
+            if let Err((k, m, f)) = g.validate() {
+                return Err((format!("gitsync[{i}].{k}"), Some("gitsync".into()), m, f));
+            }
+            if !jobs.insert(&g.name) {
+                return Err((
+                    format!("gitsync[{i}].name"),
+                    Some(format!("name: {}", g.name)),
+                    format!("`{}` names two gitsync jobs", g.name),
+                    "give each job its own name".into(),
+                ));
+            }
+        }
+        if self.services.is_empty() && self.gitsync.is_empty() {
             return Err((
                 "services".into(),
                 Some("services".into()),

@@ -63,6 +63,9 @@ pub struct RunOptions {
     pub admin: Option<crate::admin::Endpoint>,
     /// The bearer token a TCP admin endpoint requires.
     pub admin_token: Option<String>,
+    /// Take the config from git: `config` is then its path inside the repository, and each
+    /// pushed commit whose config passes `check` is applied (others are refused and logged).
+    pub config_git: Option<crate::gitsync::Spec>,
 }
 
 /// What the daemon publishes in `STATE_DIR/state.json` for `status`.
@@ -94,6 +97,9 @@ pub struct State {
     /// Health of the checked backends that failed at least once.
     #[serde(default)]
     pub health: Vec<crate::health::BackendHealth>,
+    /// The git syncs this daemon runs: its config's repository and `gitsync:` jobs.
+    #[serde(default)]
+    pub gitsync: Vec<crate::gitsync::Status>,
 }
 
 impl State {
@@ -239,6 +245,9 @@ struct Daemon {
     health: crate::health::Monitor,
     /// The plan last applied: the next one's tables are derived from it.
     last_plan: Option<Plan>,
+    /// The config's own repository (`--config-git`) and the config's `gitsync:` jobs.
+    config_git: Option<Arc<crate::gitsync::Syncer>>,
+    jobs: crate::gitsync::Jobs,
     state: State,
 }
 
@@ -413,6 +422,7 @@ impl Daemon {
                 }
                 match self.apply(&cfg).await {
                     Ok(ids) => {
+                        self.jobs.update(&cfg.gitsync).await;
                         self.state.generation += 1;
                         self.state.config = cfg;
                         self.state.ids = ids;
@@ -509,6 +519,12 @@ impl Daemon {
 
     fn publish(&mut self) {
         self.state.health = self.health.report();
+        self.state.gitsync = self
+            .config_git
+            .iter()
+            .map(|s| s.status())
+            .chain(self.jobs.statuses())
+            .collect();
         self.state.userspace = self.userspace.counters.snapshot();
         if !self.shards.is_empty() {
             let doc = self.shards.stats_json(self.started.elapsed());
@@ -553,7 +569,82 @@ fn start_kernel(
     Ok(dp)
 }
 
-pub async fn run(opts: RunOptions) -> Result<()> {
+/// `--config-git`: sync the repository until a commit with a valid config is published (or
+/// one published earlier is on disk: the last good config serves while the remote is down),
+/// then point `opts.config` at the config in the published tree.
+async fn config_from_git(
+    opts: &mut RunOptions,
+) -> Result<
+    Option<(
+        Arc<crate::gitsync::Syncer>,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    )>,
+> {
+    let Some(spec) = opts.config_git.clone() else {
+        return Ok(None);
+    };
+    let rel = opts.config.clone();
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        bail!(
+            "with --config-git, --config is the config's path inside the repository (e.g. `ambassador.yaml`), not {}",
+            rel.display()
+        );
+    }
+    let inner = rel.clone();
+    let validator: crate::gitsync::Validator = Arc::new(move |tree: &Path| {
+        Config::load(&tree.join(&inner))
+            .map(|_| ())
+            .map_err(|e| anyhow!("{e}"))
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let syncer = crate::gitsync::Syncer::with(spec, Some(validator), Some(tx))?;
+    let mut tries = 0u32;
+    loop {
+        let _ = syncer.sync(true).await;
+        let st = syncer.status();
+        if st.ready {
+            if let Some(e) = st.last_error {
+                warn!(
+                    "serving the config published earlier ({}): {e}",
+                    st.published.unwrap_or_default()
+                );
+            }
+            break;
+        }
+        tries += 1;
+        let wait = Duration::from_secs(1 << tries.min(5));
+        warn!(
+            "no valid config from {} yet, retrying in {wait:?}: {}",
+            syncer.spec.repo,
+            st.last_error.unwrap_or_default()
+        );
+        tokio::time::sleep(wait).await;
+    }
+    while rx.try_recv().is_ok() {}
+    opts.config = syncer.spec.link_path().join(rel);
+    if let Some(w) = &syncer.spec.webhook {
+        crate::gitsync::http::serve(w, syncer.clone()).await?;
+    }
+    tokio::spawn(syncer.clone().run());
+    Ok(Some((syncer, rx)))
+}
+
+async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub async fn run(mut opts: RunOptions) -> Result<()> {
+    let (config_git, mut git_rx) = match config_from_git(&mut opts).await? {
+        Some((s, rx)) => (Some(s), Some(rx)),
+        None => (None, None),
+    };
     let cfg = Config::load(&opts.config).map_err(|e| anyhow!("{e}"))?;
     let interfaces = if opts.interfaces.is_empty() {
         cfg.interfaces.clone()
@@ -629,6 +720,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             shards: serde_json::Value::Null,
             overrides,
             health: Vec::new(),
+            gitsync: Vec::new(),
         },
         opts: opts.clone(),
         kernel,
@@ -644,9 +736,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         local: LocalAddresses::default(),
         health,
         last_plan: None,
+        config_git,
+        jobs: Default::default(),
     };
     let _ = d.userspace.counters.failed_connects.set(failed_tx);
     d.state.ids = d.apply(&cfg).await?;
+    d.jobs.update(&cfg.gitsync).await;
     if cfg.services.iter().any(|s| s.sharding().is_some()) {
         match tokio::net::TcpListener::bind(opts.stats_listen).await {
             Ok(l) => {
@@ -696,8 +791,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => d.publish(),
             _ = hup.recv() => {
+                if let Some(g) = &d.config_git {
+                    g.trigger();
+                }
+                d.jobs.trigger_all();
                 d.reload("SIGHUP", &mut last_text, true).await;
                 d.reload_certificates();
+            }
+            Some(commit) = recv_opt(&mut git_rx) => {
+                d.reload(&format!("git commit {commit}"), &mut last_text, false).await;
             }
             Some(()) = changes.rx.recv() => {
                 // Let a burst of writes (editors, ConfigMap symlink swaps) settle.

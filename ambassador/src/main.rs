@@ -83,6 +83,8 @@ enum Cmd {
         flow_table_size: u32,
         #[command(flatten)]
         admin: AdminArgs,
+        #[command(flatten)]
+        git: ConfigGitArgs,
     },
     /// Set a backend's weight on the running daemon (until the config file sets it again or
     /// the backend leaves it; kept across restarts).
@@ -122,6 +124,9 @@ enum Cmd {
     },
     /// Print the man page (roff), e.g. `ambassador man > /usr/share/man/man1/ambassador.1`.
     Man,
+    /// The git-push PaaS sidecar: keep the newest commit of a ref checked out and published
+    /// by an atomic symlink swap (`gitsync serve` hosts a repository that validates pushes).
+    Gitsync(GitsyncCmd),
     /// Services, backends, weights and kernel counters of the running daemon.
     Status {
         #[arg(long)]
@@ -183,6 +188,287 @@ impl AdminArgs {
             .unwrap_or_default();
         println!("applied (generation {gen})");
         Ok(())
+    }
+}
+
+/// GitOps for the ambassador itself: `run --config-git URL --config ambassador.yaml`.
+#[derive(clap::Args)]
+struct ConfigGitArgs {
+    /// Take the config from this git repository; --config is then its path inside it. A
+    /// pushed config that fails `check` is refused and the running one keeps serving.
+    #[arg(long)]
+    config_git: Option<String>,
+    #[arg(long, default_value = "main")]
+    config_git_ref: String,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    config_git_period: std::time::Duration,
+    /// Where the synced trees live (default STATE_DIR/config-git).
+    #[arg(long)]
+    config_git_root: Option<PathBuf>,
+    #[arg(long)]
+    config_git_token_file: Option<PathBuf>,
+    #[arg(long, requires = "config_git_known_hosts_file")]
+    config_git_ssh_key_file: Option<PathBuf>,
+    #[arg(long, requires = "config_git_ssh_key_file")]
+    config_git_known_hosts_file: Option<PathBuf>,
+    /// Serve a webhook (POST /sync) and the sync's status here.
+    #[arg(long)]
+    config_git_listen: Option<std::net::SocketAddr>,
+    #[arg(long, requires = "config_git_listen")]
+    config_git_webhook_secret_file: Option<PathBuf>,
+}
+
+impl ConfigGitArgs {
+    fn spec(self, state_dir: &std::path::Path) -> Option<ambassador::gitsync::Spec> {
+        use ambassador::gitsync::{Credentials, Spec, Webhook};
+        let repo = self.config_git?;
+        Some(Spec {
+            name: "config".into(),
+            repo,
+            reference: self.config_git_ref,
+            root: self
+                .config_git_root
+                .unwrap_or_else(|| state_dir.join("config-git")),
+            link: "current".into(),
+            period: self.config_git_period,
+            depth: 1,
+            keep: 3,
+            pre_publish: None,
+            post_publish: None,
+            hook_timeout: std::time::Duration::from_secs(60),
+            hook_retries: 0,
+            fetch_timeout: std::time::Duration::from_secs(60),
+            credentials: Credentials {
+                token_file: self.config_git_token_file,
+                username: None,
+                ssh_key_file: self.config_git_ssh_key_file,
+                known_hosts_file: self.config_git_known_hosts_file,
+            },
+            webhook: self.config_git_listen.map(|listen| Webhook {
+                listen,
+                secret_file: self.config_git_webhook_secret_file,
+            }),
+        })
+    }
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct GitsyncCmd {
+    #[command(subcommand)]
+    sub: Option<GitsyncSub>,
+    #[command(flatten)]
+    sync: SyncArgs,
+}
+
+#[derive(Subcommand)]
+enum GitsyncSub {
+    /// Host a bare repository (created if missing) over `git daemon` on loopback; its
+    /// pre-receive hook refuses pushes whose commit fails validation.
+    Serve {
+        /// The bare repository, e.g. /srv/git/app.git.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Shell command run in the pushed commit's tree; non-zero refuses the push.
+        #[arg(long)]
+        validate: Option<String>,
+        /// An ambassador config in the repository that must pass `ambassador check`.
+        #[arg(long)]
+        check_config: Option<PathBuf>,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long, default_value = "127.0.0.1:9418")]
+        listen: std::net::SocketAddr,
+        /// Install the repository and hook, then exit (serve it over ssh or your own daemon).
+        #[arg(long)]
+        install_only: bool,
+    },
+    /// The hook `serve` installs (run by git).
+    #[command(hide = true)]
+    PreReceive,
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// Remote URL or path. Credentials go in files (--token-file, --ssh-key-file), never here.
+    #[arg(long, required = true)]
+    repo: Option<String>,
+    #[arg(long = "ref", default_value = "main")]
+    reference: String,
+    /// Directory of the per-commit trees and the link.
+    #[arg(long, required = true)]
+    root: Option<PathBuf>,
+    /// The published symlink (a name inside --root, or an absolute path).
+    #[arg(long, default_value = "current")]
+    link: PathBuf,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    period: std::time::Duration,
+    /// Shallow fetch depth (0: whole history).
+    #[arg(long, default_value_t = 1)]
+    depth: u32,
+    /// Trees kept on disk, the published one included.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Command run in the new tree before publishing; failure keeps the old tree.
+    #[arg(long)]
+    pre_publish: Option<String>,
+    /// Command run in the published tree after each publish.
+    #[arg(long, conflicts_with_all = ["post_publish_signal", "post_publish_http"])]
+    post_publish: Option<String>,
+    /// Signal (e.g. HUP) sent after each publish to the process in --pid-file.
+    #[arg(long, requires = "pid_file", conflicts_with = "post_publish_http")]
+    post_publish_signal: Option<String>,
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// http:// URL POSTed (`{"commit": ...}`) after each publish.
+    #[arg(long)]
+    post_publish_http: Option<String>,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    hook_timeout: std::time::Duration,
+    #[arg(long, default_value_t = 2)]
+    hook_retries: u32,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    fetch_timeout: std::time::Duration,
+    /// File holding an HTTPS token (sent as basic auth with --username).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long)]
+    username: Option<String>,
+    /// SSH private key file (needs --known-hosts-file: host keys are pinned).
+    #[arg(long, requires = "known_hosts_file")]
+    ssh_key_file: Option<PathBuf>,
+    #[arg(long, requires = "ssh_key_file")]
+    known_hosts_file: Option<PathBuf>,
+    /// Serve POST /sync (webhook), /live, /ready, /status and /metrics here.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Webhook secret (GitHub signature, GitLab token or bearer); required off loopback.
+    #[arg(long, requires = "listen")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Names the job in logs and metrics.
+    #[arg(long, default_value = "app")]
+    name: String,
+    /// Sync once and exit (non-zero unless a tree is published): for init containers.
+    #[arg(long)]
+    once: bool,
+}
+
+impl SyncArgs {
+    fn spec(self) -> ambassador::gitsync::Spec {
+        use ambassador::gitsync::{Credentials, PostPublish, Spec, Webhook};
+        let post_publish = if self.post_publish.is_some()
+            || self.post_publish_signal.is_some()
+            || self.post_publish_http.is_some()
+        {
+            Some(PostPublish {
+                command: self.post_publish,
+                signal: self.post_publish_signal,
+                pid_file: self.pid_file,
+                http: self.post_publish_http,
+            })
+        } else {
+            None
+        };
+        Spec {
+            name: self.name,
+            repo: self.repo.unwrap_or_default(),
+            reference: self.reference,
+            root: self.root.unwrap_or_default(),
+            link: self.link,
+            period: self.period,
+            depth: self.depth,
+            keep: self.keep,
+            pre_publish: self.pre_publish,
+            post_publish,
+            hook_timeout: self.hook_timeout,
+            hook_retries: self.hook_retries,
+            fetch_timeout: self.fetch_timeout,
+            credentials: Credentials {
+                token_file: self.token_file,
+                username: self.username,
+                ssh_key_file: self.ssh_key_file,
+                known_hosts_file: self.known_hosts_file,
+            },
+            webhook: self.listen.map(|listen| Webhook {
+                listen,
+                secret_file: self.webhook_secret_file,
+            }),
+        }
+    }
+}
+
+fn gitsync(cmd: GitsyncCmd) -> Result<()> {
+    use ambassador::gitsync::{self, serve};
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match cmd.sub {
+        Some(GitsyncSub::PreReceive) => {
+            if !serve::pre_receive()? {
+                return Err(anyhow!("push refused: validation failed"));
+            }
+            Ok(())
+        }
+        Some(GitsyncSub::Serve {
+            dir,
+            validate,
+            check_config,
+            timeout,
+            listen,
+            install_only,
+        }) => {
+            let v = serve::Validation {
+                validate,
+                check_config,
+                timeout,
+            };
+            if install_only {
+                serve::install(&dir, &v)?;
+                println!("{}: pre-receive validation installed", dir.display());
+                return Ok(());
+            }
+            rt()?.block_on(serve::serve(&dir, &v, listen))
+        }
+        None => {
+            let once = cmd.sync.once;
+            let spec = cmd.sync.spec();
+            rt()?.block_on(async move {
+                let syncer = gitsync::Syncer::new(spec)?;
+                if once {
+                    if let Err(e) = syncer.sync(true).await {
+                        if !syncer.status().ready {
+                            return Err(anyhow!("nothing published: {e:#}"));
+                        }
+                    }
+                    return match syncer.status() {
+                        s if s.ready && s.rejected.is_none() => Ok(()),
+                        s => Err(anyhow!(
+                            "nothing published: {}",
+                            s.last_error.unwrap_or_default()
+                        )),
+                    };
+                }
+                if let Some(w) = &syncer.spec.webhook {
+                    gitsync::http::serve(w, syncer.clone()).await?;
+                }
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let task = tokio::spawn(syncer.clone().run());
+                loop {
+                    tokio::select! {
+                        _ = hup.recv() => syncer.trigger(),
+                        _ = term.recv() => break,
+                        _ = tokio::signal::ctrl_c() => break,
+                    }
+                }
+                task.abort();
+                Ok(())
+            })
+        }
     }
 }
 
@@ -283,6 +569,7 @@ fn real_main(cli: Cli) -> Result<()> {
             keep_on_exit,
             flow_table_size,
             admin,
+            git,
         } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => None,
@@ -310,6 +597,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 flow_table_size,
                 admin: admin.admin.clone(),
                 admin_token: admin.token()?,
+                config_git: git.spec(&admin.state_dir),
             }))
         }
         Cmd::SetWeight {
@@ -375,6 +663,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Gitsync(cmd) => gitsync(cmd),
         Cmd::Completions { shell } => {
             use clap::CommandFactory as _;
             let shell = match shell {

@@ -23,6 +23,9 @@ pub struct StatusReport {
     /// The sharding services' stats, in twemproxy's stats-port format.
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub shards: serde_json::Value,
+    /// The git syncs: the config's own repository (`--config-git`) and `gitsync:` jobs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gitsync: Vec<crate::gitsync::Status>,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,6 +148,7 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         },
         userspace: state.userspace,
         shards: state.shards,
+        gitsync: state.gitsync,
     })
 }
 
@@ -167,6 +171,23 @@ pub fn render(r: &StatusReport) -> String {
             o,
             "last reload REJECTED (still serving generation {}): {e}",
             r.generation
+        );
+    }
+    for g in &r.gitsync {
+        let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(12)].to_string());
+        let _ = writeln!(
+            o,
+            "gitsync {}: published {} · {} consecutive failure(s){}{}",
+            g.name,
+            short(&g.published).unwrap_or_else(|| "nothing".into()),
+            g.consecutive_failures,
+            short(&g.rejected)
+                .map(|c| format!(" · rejected {c}"))
+                .unwrap_or_default(),
+            g.last_error
+                .as_ref()
+                .map(|e| format!(" · last error: {e}"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fixture;
+pub mod git;
 pub mod local;
 pub mod netns;
 pub mod packets;

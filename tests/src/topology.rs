@@ -272,10 +272,21 @@ http {{
 
     /// The same with environment settings (`VAR=value ...`) for the daemon.
     pub fn start_daemon_env(&self, env: &str, args: &[&str]) {
+        self.start_daemon_config(env, &self.config_path().display().to_string(), args)
+    }
+
+    /// Take the config from git: `ambassador.yaml` in `repo` (GitOps for the ambassador).
+    pub fn start_daemon_from_git(&self, repo: &Path, args: &[&str]) {
+        let mut all = vec!["--config-git", repo.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.start_daemon_config("", "ambassador.yaml", &all)
+    }
+
+    fn start_daemon_config(&self, env: &str, config: &str, args: &[&str]) {
         let cmd = format!(
             "env {env} {} run --config {} --state-dir {} --pin-dir {} {}",
             ambassador_bin().display(),
-            self.config_path().display(),
+            config,
             self.state_dir().display(),
             self.pin_dir.display(),
             args.join(" ")

@@ -98,7 +98,8 @@ fn output(cmd: &str, args: &[&str]) -> String {
 /// tests; nginx as the real HTTP backend; openssl for the TLS interop tests; wrk and nftables
 /// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`;
 /// nutcracker and redis-server for the Redis placement golden tests; curl and chromium (headless)
-/// for the admin API and dashboard tests.
+/// for the admin API and dashboard tests; git for gitsync (fetching, `git daemon`, the tests'
+/// repositories).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -119,6 +120,7 @@ const APT_PACKAGES: &[&str] = &[
     "memcached",
     "curl",
     "chromium",
+    "git",
 ];
 
 fn setup() -> Result<()> {

@@ -144,6 +144,7 @@ pub fn import(text: &str) -> Result<Config, String> {
     Ok(Config {
         interfaces: Vec::new(),
         services,
+        gitsync: Vec::new(),
     })
 }
 

@@ -1,0 +1,172 @@
+//! Fetching and checking out.
+//!
+//! Fetching shells out to `git`: gix would need an HTTP stack of its own (curl or reqwest)
+//! for https remotes and still runs the `ssh` program for ssh ones, and `git` honours the
+//! credential and host-key settings users already have (`http.extraHeader`,
+//! `GIT_SSH_COMMAND`). Checking out uses gix: it writes a commit's tree into a fresh
+//! directory without an index or worktree registration in the mirror, in parallel.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use base64::Engine as _;
+
+use super::Spec;
+
+/// Where the fetched commit is kept in the mirror.
+pub const TARGET: &str = "refs/gitsync/target";
+
+fn git(mirror: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("git");
+    c.arg("--git-dir")
+        .arg(mirror)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+async fn output(mut c: tokio::process::Command, timeout: Duration, what: &str) -> Result<String> {
+    let out = tokio::time::timeout(timeout, c.output())
+        .await
+        .map_err(|_| anyhow!("{what} took longer than {timeout:?}"))?
+        .with_context(|| format!("{what}: running git (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A bare repository that only gitsync writes to.
+pub async fn ensure_mirror(mirror: &Path) -> Result<()> {
+    if mirror.join("HEAD").is_file() {
+        return Ok(());
+    }
+    let tmp = mirror.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut c = tokio::process::Command::new("git");
+    c.args(["init", "--bare", "--quiet"]).arg(&tmp);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    output(c, Duration::from_secs(30), "git init").await?;
+    std::fs::rename(&tmp, mirror).with_context(|| format!("creating {}", mirror.display()))?;
+    Ok(())
+}
+
+/// Fetch the spec's ref (shallow unless depth is 0; a force-pushed ref is followed) and
+/// return its commit.
+pub async fn fetch(spec: &Spec, mirror: &Path) -> Result<String> {
+    let mut c = git(mirror);
+    c.args([
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--force",
+        "--no-write-fetch-head",
+    ]);
+    if spec.depth > 0 {
+        c.arg(format!("--depth={}", spec.depth));
+    }
+    c.arg("--")
+        .arg(&spec.repo)
+        .arg(format!("+{}:{TARGET}", spec.reference));
+    credentials(spec, &mut c)?;
+    output(
+        c,
+        spec.fetch_timeout,
+        &format!("fetching {} from {}", spec.reference, spec.repo),
+    )
+    .await?;
+    let mut c = git(mirror);
+    c.args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("{TARGET}^{{commit}}"));
+    let commit = output(c, Duration::from_secs(30), "resolving the fetched ref").await?;
+    if !super::is_hash(&commit) {
+        bail!("`{}` does not name a commit", spec.reference);
+    }
+    Ok(commit)
+}
+
+/// Secrets go to git through its environment (`GIT_CONFIG_*`, read by git only), never
+/// its argv, which every user can read in /proc.
+fn credentials(spec: &Spec, c: &mut tokio::process::Command) -> Result<()> {
+    let cr = &spec.credentials;
+    if let Some(f) = &cr.token_file {
+        let token = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?;
+        let user = cr.username.as_deref().unwrap_or("x-access-token");
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", token.trim()));
+        c.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {basic}"),
+            );
+    }
+    if let (Some(key), Some(known)) = (&cr.ssh_key_file, &cr.known_hosts_file) {
+        for f in [key, known] {
+            std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
+        }
+        c.env(
+            "GIT_SSH_COMMAND",
+            format!(
+                "ssh -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+                quote(key),
+                quote(known)
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// Write `commit`'s tree into `dest` (created; must not exist or be empty) with gix: plain
+/// files with their exec bits and symlinks; a submodule (gitlink) is an empty directory.
+pub fn checkout(repo_dir: &Path, commit: &str, dest: &Path) -> Result<()> {
+    let repo = gix::open(repo_dir).with_context(|| format!("opening {}", repo_dir.display()))?;
+    let id = gix::ObjectId::from_hex(commit.as_bytes())
+        .with_context(|| format!("`{commit}` is not a commit id"))?;
+    let commit = repo
+        .find_object(id)
+        .with_context(|| format!("finding {commit}"))?
+        .peel_to_commit()?;
+    let mut index = repo.index_from_tree(&commit.tree_id()?)?;
+    let mut opts =
+        repo.checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)?;
+    opts.destination_is_initially_empty = true;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let outcome = gix::worktree::state::checkout(
+        &mut index,
+        dest,
+        repo.objects.clone().into_arc()?,
+        &gix::progress::Discard,
+        &gix::progress::Discard,
+        &std::sync::atomic::AtomicBool::new(false),
+        opts,
+    )?;
+    if let Some(e) = outcome.errors.first() {
+        bail!(
+            "{} file(s) could not be written, the first {}: {}",
+            outcome.errors.len(),
+            e.path,
+            e.error
+        );
+    }
+    if let Some(c) = outcome.collisions.first() {
+        bail!(
+            "{} path(s) collide on this filesystem, the first {}",
+            outcome.collisions.len(),
+            c.path
+        );
+    }
+    Ok(())
+}

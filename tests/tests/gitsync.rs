@@ -1,0 +1,449 @@
+//! The git-push PaaS sidecar with real repositories: commits pushed to a bare remote during a
+//! tight read loop over the published path; failing hooks; bad remotes; push-time validation.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use ambassador_tests::{
+    ambassador_bin,
+    git::{git, try_git, versioned_files, Repo, Sidecar},
+    local::{free_port, TempDir},
+    topology::wait_for,
+};
+
+/// Read every file of the tree `current` resolves to (resolving it once, as a well-behaved
+/// reader does) and return the version they share, or panic describing the mix.
+fn read_tree(root: &Path, files: usize) -> Option<u32> {
+    let tree = std::fs::canonicalize(root.join("current")).ok()?;
+    let version: u32 = std::fs::read_to_string(tree.join("VERSION"))
+        .ok()?
+        .trim()
+        .parse()
+        .unwrap();
+    let mut n = 0;
+    for d in std::fs::read_dir(&tree).unwrap() {
+        let d = d.unwrap().path();
+        if !d.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&d).unwrap() {
+            let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+            assert_eq!(
+                text,
+                format!("version {version}\n"),
+                "mixed tree in {}",
+                tree.display()
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, files, "partial tree in {}", tree.display());
+    Some(version)
+}
+
+#[test]
+fn readers_never_see_a_mixed_or_partial_tree() {
+    const FILES: usize = 300;
+    let repo = Repo::new();
+    let first = repo.commit_tree(&versioned_files(FILES, 0), "v0");
+    repo.push();
+    let dir = TempDir::new("gitsync-read");
+    let root = dir.path("app");
+    let sc = Sidecar::start(&repo.bare, &root, &["--period", "30s", "--keep", "3"]);
+    // Not ready before the first publish would be racy to observe; after it, it must be.
+    sc.wait_published(&first);
+    assert_eq!(sc.http("GET", "/ready").0, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, reads, seen, root) =
+                (stop.clone(), reads.clone(), seen.clone(), root.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // A tree removed under a reader after 3 newer publishes would be a
+                    // failure of `keep`, not of atomicity; the pushes below are spaced so
+                    // that cannot happen while one read is in flight.
+                    if let Some(v) = read_tree(&root, FILES) {
+                        seen.lock().unwrap().insert(v);
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut last = first;
+    for v in 1..=8 {
+        last = repo.commit_tree(&versioned_files(FILES, v), &format!("v{v}"));
+        repo.push();
+        // The webhook: sync now rather than at the 30 s poll.
+        assert_eq!(sc.http("POST", "/sync").0, 202);
+        sc.wait_published(&last);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("a reader saw a mixed or partial tree");
+    }
+    let seen = seen.lock().unwrap().clone();
+    let reads = reads.load(Ordering::Relaxed);
+    println!("{reads} whole-tree reads, versions seen {seen:?}");
+    assert!(reads > 50, "the readers barely ran: {reads} reads");
+    assert!(seen.len() >= 5, "readers saw too few versions: {seen:?}");
+
+    // Old trees are pruned to `keep` (3), the published one included.
+    let trees: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().len() == 40)
+        .collect();
+    assert_eq!(trees.len(), 3, "trees kept: {trees:?}");
+    let st = sc.status();
+    assert_eq!(st["published"], last.as_str());
+    assert_eq!(st["publishes"], 9);
+    assert_eq!(st["consecutive_failures"], 0);
+    let (_, metrics) = sc.http("GET", "/metrics");
+    assert!(
+        metrics.contains("ambassador_gitsync_publishes_total{job=\"app\"} 9"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("commit=\"{last}\"")));
+}
+
+#[test]
+fn a_failing_pre_publish_hook_keeps_the_old_tree() {
+    let repo = Repo::new();
+    let good = |v: u32| {
+        let mut f = versioned_files(5, v);
+        f.push(("ok".into(), String::new()));
+        f
+    };
+    let c1 = repo.commit_tree(&good(1), "good");
+    repo.push();
+    let dir = TempDir::new("gitsync-hook");
+    let root = dir.path("app");
+    let posted = dir.path("post.log");
+    let sc = Sidecar::start(
+        &repo.bare,
+        &root,
+        &[
+            "--period",
+            "200ms",
+            "--hook-retries",
+            "1",
+            "--pre-publish",
+            "test -f ok || { echo 'make check: no ok file' >&2; exit 1; }",
+            "--post-publish",
+            &format!("echo $GITSYNC_COMMIT >> {}", posted.display()),
+        ],
+    );
+    sc.wait_published(&c1);
+
+    let c2 = repo.commit_tree(&versioned_files(5, 2), "broken: no ok file");
+    repo.push();
+    wait_for(Duration::from_secs(20), "the rejection of c2", || {
+        sc.status()["rejected"] == c2.as_str()
+    });
+    assert_eq!(sc.published().as_deref(), Some(c1.as_str()));
+    assert_eq!(
+        sc.http("GET", "/ready").0,
+        200,
+        "still ready: the old tree serves"
+    );
+    let st = sc.status();
+    assert!(st["consecutive_failures"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("no ok file"),
+        "{st}"
+    );
+    assert!(!root.join(&c2).exists(), "the rejected tree is removed");
+    // Polling does not retry a rejected commit: the hook ran twice (1 retry) for it, once.
+    std::thread::sleep(Duration::from_millis(800));
+    let rejections = sc
+        .log()
+        .matches("not published, the previous tree stays")
+        .count();
+    assert_eq!(rejections, 1, "{}", sc.log());
+
+    let c3 = repo.commit_tree(&good(3), "fixed");
+    repo.push();
+    sc.wait_published(&c3);
+    wait_for(
+        Duration::from_secs(10),
+        "the post-publish hook of c3",
+        || {
+            std::fs::read_to_string(&posted)
+                .unwrap_or_default()
+                .contains(&c3)
+        },
+    );
+    let log = std::fs::read_to_string(&posted).unwrap();
+    assert_eq!(
+        log,
+        format!("{c1}\n{c3}\n"),
+        "post-publish ran once per published commit"
+    );
+    assert_eq!(sc.status()["consecutive_failures"], 0);
+}
+
+#[test]
+fn bad_remotes_and_force_pushes_leave_the_published_tree_intact() {
+    // An unreachable remote with nothing published: `--once` fails naming the reason.
+    let dir = TempDir::new("gitsync-bad");
+    let out = Command::new(ambassador_bin())
+        .args(["gitsync", "--once", "--repo"])
+        .arg(dir.path("nowhere.git"))
+        .arg("--root")
+        .arg(dir.path("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("nothing published") && err.contains("nowhere.git"),
+        "{err}"
+    );
+    assert!(!dir.path("never/current").exists());
+
+    // Bad flags are refused before anything runs.
+    let out = Command::new(ambassador_bin())
+        .args(["gitsync", "--repo", "x", "--root"])
+        .arg(dir.path("r"))
+        .args(["--keep", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keep"));
+
+    let repo = Repo::new();
+    let c1 = repo.commit_tree(&versioned_files(3, 1), "one");
+    repo.push();
+    let c2 = repo.commit_tree(&versioned_files(3, 2), "two");
+    repo.push();
+    let root = dir.path("app");
+    let sc = Sidecar::start(&repo.bare, &root, &["--period", "200ms"]);
+    sc.wait_published(&c2);
+
+    // A force-push rewinding main to a new commit on top of c1 is followed.
+    git(&repo.work, &["reset", "--quiet", "--hard", &c1]);
+    let c3 = repo.commit_tree(&versioned_files(3, 3), "rewritten");
+    repo.push();
+    sc.wait_published(&c3);
+
+    // The remote goes away: failures are counted and reported, the tree stays published
+    // and readable, the sidecar stays ready.
+    let moved = repo.dir.path("moved.git");
+    std::fs::rename(&repo.bare, &moved).unwrap();
+    wait_for(Duration::from_secs(10), "failures to be reported", || {
+        sc.status()["consecutive_failures"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_eq!(sc.published().as_deref(), Some(c3.as_str()));
+    assert_eq!(read_tree(&root, 3), Some(3));
+    assert_eq!(sc.http("GET", "/ready").0, 200);
+    assert!(sc.log().contains("sync failed, the published tree stays"));
+    // Back again: the next sync succeeds without a restart (the backoff is bounded).
+    std::fs::rename(&moved, &repo.bare).unwrap();
+    let c4 = repo.commit_tree(&versioned_files(3, 4), "back");
+    repo.push();
+    sc.http("POST", "/sync");
+    sc.wait_published(&c4);
+}
+
+#[test]
+fn a_submodule_does_not_break_the_sync() {
+    // A gitlink whose submodule URL points nowhere: the tree is published without it.
+    let repo = Repo::new();
+    let sub = Repo::new();
+    let sc1 = sub.commit_tree(&versioned_files(1, 1), "sub");
+    sub.push();
+    repo.commit_tree(&versioned_files(2, 1), "main");
+    git(
+        &repo.work,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "--quiet",
+            sub.bare.to_str().unwrap(),
+            "vendor/lib",
+        ],
+    );
+    std::fs::write(
+        repo.work.join(".gitmodules"),
+        "[submodule \"vendor/lib\"]\n\tpath = vendor/lib\n\turl = /nonexistent/lib.git\n",
+    )
+    .unwrap();
+    git(
+        &repo.work,
+        &["commit", "--quiet", "-am", "broken submodule"],
+    );
+    let head = git(&repo.work, &["rev-parse", "HEAD"]);
+    repo.push();
+    let dir = TempDir::new("gitsync-sub");
+    let root = dir.path("app");
+    let sc = Sidecar::start(&repo.bare, &root, &["--period", "1s"]);
+    sc.wait_published(&head);
+    assert!(root.join("current/VERSION").is_file());
+    assert!(
+        root.join("current/vendor/lib").is_dir(),
+        "the gitlink is an empty directory"
+    );
+    let _ = sc1;
+}
+
+#[test]
+fn serve_refuses_a_push_whose_config_fails_check() {
+    let dir = TempDir::new("gitsync-serve");
+    let bare = dir.path("cfg.git");
+    let port = free_port();
+    let mut server = Command::new(ambassador_bin())
+        .args(["gitsync", "serve", "--dir"])
+        .arg(&bare)
+        .args([
+            "--check-config",
+            "ambassador.yaml",
+            "--validate",
+            "test ! -e BROKEN",
+        ])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stderr(std::fs::File::create(dir.path("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), "git daemon", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let url = format!("git://127.0.0.1:{port}/cfg.git");
+    let work = dir.path("work");
+    git(
+        &dir.0,
+        &["init", "--quiet", "--initial-branch=main", "work"],
+    );
+    let config = |weight: u32| {
+        format!(
+            "services:\n  - name: frontend\n    listen: 127.0.0.1:18080/tcp\n    split:\n      key: src-ip\n      backends:\n        - {{ name: web, address: 127.0.0.1:18081, weight: {weight} }}\n"
+        )
+    };
+    std::fs::write(work.join("ambassador.yaml"), config(9)).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "--quiet", "-m", "good"]);
+    git(&work, &["push", "--quiet", &url, "HEAD:main"]);
+    let good = git(&work, &["rev-parse", "HEAD"]);
+    assert_eq!(git(&bare, &["rev-parse", "main"]), good);
+
+    // A weight over the maximum fails `check`: the push is refused with the reason.
+    std::fs::write(work.join("ambassador.yaml"), config(99_999)).unwrap();
+    git(&work, &["commit", "--quiet", "-am", "bad weight"]);
+    let out = try_git(&work, &["push", &url, "HEAD:main"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a broken config was accepted: {err}");
+    assert!(
+        err.contains("refusing refs/heads/main") && err.contains("weight"),
+        "{err}"
+    );
+    assert_eq!(
+        git(&bare, &["rev-parse", "main"]),
+        good,
+        "the ref did not move"
+    );
+
+    // The --validate command refuses too.
+    std::fs::write(work.join("ambassador.yaml"), config(5)).unwrap();
+    std::fs::write(work.join("BROKEN"), "").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "--quiet", "-m", "validate fails"]);
+    let out = try_git(&work, &["push", &url, "HEAD:main"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("test ! -e BROKEN"));
+    git(&work, &["rm", "--quiet", "BROKEN"]);
+    git(&work, &["commit", "--quiet", "-m", "fixed"]);
+    git(&work, &["push", "--quiet", &url, "HEAD:main"]);
+    assert_eq!(
+        git(&bare, &["rev-parse", "main"]),
+        git(&work, &["rev-parse", "HEAD"])
+    );
+    // SIGTERM stops the git daemon with it (no listener left behind).
+    ambassador_tests::netns::sh(&format!("kill -TERM {}", server.id()));
+    let _ = server.wait();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "git daemon outlived serve"
+    );
+}
+
+#[test]
+fn a_pushed_weight_change_changes_the_kernel_split_and_a_broken_push_is_ignored() {
+    use ambassador_tests::topology::{share, split_config, Topology, VIP4};
+    let vip: std::net::SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut t = Topology::new(100);
+    t.start_nginx(1);
+    let repo = Repo::new();
+    let yaml = |text: String| vec![("ambassador.yaml".to_string(), text)];
+    repo.commit_tree(&yaml(split_config(9, 1)), "90/10");
+    repo.push();
+    t.start_daemon_from_git(&repo.bare, &["--config-git-period", "300ms"]);
+    let before = t.request_all(&t.clients4, vip);
+    let web = share(&before, "web");
+    assert!(
+        (0.8..=0.97).contains(&web),
+        "web got {:.0}% before",
+        web * 100.0
+    );
+
+    // A broken config pushed to a remote without a pre-receive check: ignored with an
+    // error, generation 1 keeps serving.
+    let broken = repo.commit_tree(
+        &yaml(split_config(9, 1).replace("weight: 1", "wieght: 1")),
+        "typo",
+    );
+    repo.push();
+    wait_for(
+        Duration::from_secs(20),
+        "the broken commit to be refused",
+        || t.status()["gitsync"][0]["rejected"] == broken.as_str(),
+    );
+    let st = t.status();
+    assert_eq!(st["generation"], 1);
+    assert!(
+        st["gitsync"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("wieght"),
+        "{st}"
+    );
+
+    // The fix flips the split to 10/90: applied from git, measured in the kernel's choices.
+    let fixed = repo.commit_tree(&yaml(split_config(1, 9)), "flip to 10/90");
+    repo.push();
+    wait_for(
+        Duration::from_secs(20),
+        "the pushed config to be applied",
+        || t.status()["generation"] == 2,
+    );
+    let st = t.status();
+    assert_eq!(st["gitsync"][0]["published"], fixed.as_str());
+    assert!(st["last_error"].is_null(), "{st}");
+    assert!(t.daemon_log().contains("git commit"), "{}", t.daemon_log());
+    let after = t.request_all(&t.clients4, vip);
+    assert!(
+        after.iter().all(|(_, r)| r.is_ok()),
+        "requests failed after the change"
+    );
+    let web = share(&after, "web");
+    assert!(
+        (0.03..=0.2).contains(&web),
+        "web got {:.0}% after",
+        web * 100.0
+    );
+}
