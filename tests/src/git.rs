@@ -46,7 +46,12 @@ pub struct Repo {
 
 impl Repo {
     pub fn new() -> Repo {
-        let dir = TempDir::new("git");
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// In `base` (a bench puts the remote on tmpfs: a real remote's disk is not the node's).
+    pub fn new_in(base: &Path) -> Repo {
+        let dir = TempDir::new_in(base, "git");
         let bare = dir.path("remote.git");
         let work = dir.path("work");
         git(

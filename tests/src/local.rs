@@ -22,7 +22,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    pub fn new_in(base: &Path, tag: &str) -> TempDir {
+        let p = base.join(format!(
             "amb-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)

@@ -31,7 +31,7 @@ enum Cmd {
     Demo,
     /// Benchmarks that print ratios against peers measured in the same run.
     Bench {
-        #[arg(value_parser = ["xdp", "forward", "tls", "l4", "redis", "control"])]
+        #[arg(value_parser = ["xdp", "forward", "tls", "l4", "redis", "control", "gitsync"])]
         which: String,
     },
 }

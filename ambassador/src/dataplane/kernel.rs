@@ -28,7 +28,7 @@ use crate::select::wire_addr;
 
 /// The compiled eBPF object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambassador"));
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambassador-xdp"));
 
 pub const PROGRAM: &str = "ambassador_xdp";
 

@@ -450,8 +450,10 @@ impl Syncer {
     async fn sync_inner(&self, force: bool) -> Result<Outcome> {
         let spec = &self.spec;
         let mirror = spec.root.join(STATE_DIR).join("repo.git");
+        let t0 = Instant::now();
         git::ensure_mirror(&mirror).await?;
         let commit = git::fetch(spec, &mirror).await?;
+        let fetched = t0.elapsed();
         self.status.lock().expect("status lock").remote = Some(commit.clone());
         let st = self.status();
         if st.published.as_deref() == Some(commit.as_str()) {
@@ -465,6 +467,7 @@ impl Syncer {
         }
         let tree = spec.root.join(&commit);
         let existed = tree.is_dir();
+        let t1 = Instant::now();
         if !existed {
             // Checked out beside its final name and renamed: a tree named by a hash is
             // always complete.
@@ -481,6 +484,8 @@ impl Syncer {
             std::fs::rename(&tmp, &tree)
                 .with_context(|| format!("moving the new tree to {}", tree.display()))?;
         }
+        let checked_out = t1.elapsed();
+        let t2 = Instant::now();
         let checked = match &self.validator {
             Some(v) => v(&tree),
             None => Ok(()),
@@ -495,7 +500,16 @@ impl Syncer {
             }
             return Ok(Outcome::Rejected(commit, format!("{e:#}")));
         }
+        let validated = t2.elapsed();
         publish_link(&spec.link_path(), &commit)?;
+        info!(
+            job = %spec.name,
+            commit = %commit,
+            fetch_ms = fetched.as_millis() as u64,
+            checkout_ms = checked_out.as_millis() as u64,
+            pre_publish_ms = validated.as_millis() as u64,
+            "link flipped"
+        );
         if let Some(tx) = &self.on_publish {
             let _ = tx.send(commit.clone());
         }
