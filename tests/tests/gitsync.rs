@@ -447,3 +447,47 @@ fn a_pushed_weight_change_changes_the_kernel_split_and_a_broken_push_is_ignored(
         web * 100.0
     );
 }
+
+#[test]
+fn the_daemon_runs_the_gitsync_jobs_of_its_config_and_rejects_bad_ones() {
+    use ambassador_tests::local::LocalDaemon;
+    let repo = Repo::new();
+    let c1 = repo.commit_tree(&versioned_files(4, 1), "one");
+    repo.push();
+    let dir = TempDir::new("gitsync-daemon");
+    let root = dir.path("site");
+    let port = free_port();
+    let yaml = format!(
+        "services:\n  - name: web\n    listen: 127.0.0.1:{port}/tcp\n    split:\n      key: src-ip\n      backends:\n        - {{ name: a, address: 127.0.0.1:9, weight: 1 }}\ngitsync:\n  - name: site\n    repo: {}\n    root: {}\n    period: 200ms\n    post_publish: {{ command: 'echo $GITSYNC_COMMIT > ../posted' }}\n",
+        repo.bare.display(),
+        root.display()
+    );
+    let d = LocalDaemon::start(&yaml);
+    wait_for(Duration::from_secs(20), "the job's first publish", || {
+        std::fs::read_link(root.join("current")).is_ok_and(|p| p.to_string_lossy() == c1)
+    });
+    let c2 = repo.commit_tree(&versioned_files(4, 2), "two");
+    repo.push();
+    wait_for(Duration::from_secs(20), "the push to be published", || {
+        std::fs::read_to_string(root.join("posted")).is_ok_and(|s| s.trim() == c2)
+    });
+    // `status` reads what the daemon writes each second.
+    wait_for(Duration::from_secs(5), "status to show the job", || {
+        d.status()["gitsync"][0]["published"] == c2.as_str()
+    });
+    assert_eq!(d.status()["gitsync"][0]["name"], "site");
+
+    // A job with a bad setting is a config error naming the key; nothing else changes.
+    std::fs::write(
+        d.config_path(),
+        yaml.replace("period: 200ms", "period: 200ms\n    keep: 0"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    wait_for(Duration::from_secs(10), "the rejection", || {
+        d.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("gitsync[0].keep"))
+    });
+    assert_eq!(d.status()["generation"], 1);
+}
