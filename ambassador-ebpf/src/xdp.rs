@@ -414,8 +414,11 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, svc: &Service) -> Res
         _ => {
             count(Stat::NoBackend);
             // Rare, and only written when the daemon logs at debug (AYA_LOG_LEVEL).
+            // The target users filter on (`RUST_LOG=ambassador::xdp=debug`), whatever this
+            // object's crate is called.
             aya_log_ebpf::debug!(
                 ctx,
+                target: "ambassador::xdp",
                 "service {}: no backend for a new flow (all drained, unhealthy or removed?)",
                 svc.id
             );

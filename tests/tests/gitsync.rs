@@ -491,3 +491,200 @@ fn the_daemon_runs_the_gitsync_jobs_of_its_config_and_rejects_bad_ones() {
     });
     assert_eq!(d.status()["generation"], 1);
 }
+
+/// A one-request-at-a-time HTTP server recording each POST body; `up` controls whether it
+/// answers 200 or 503.
+struct Receiver {
+    addr: std::net::SocketAddr,
+    bodies: Arc<Mutex<Vec<String>>>,
+    up: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let up = Arc::new(AtomicBool::new(true));
+        let (b, u) = (bodies.clone(), up.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = vec![0u8; 8192];
+                let mut got = 0;
+                // Headers and the small JSON body arrive together or soon after.
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                while let Ok(n) = s.read(&mut buf[got..]) {
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                    let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                    if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                        if body.ends_with('}') {
+                            break;
+                        }
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                let ok = u.load(Ordering::Relaxed);
+                if ok {
+                    if let Some((_, body)) = text.split_once("\r\n\r\n") {
+                        b.lock().unwrap().push(body.to_string());
+                    }
+                }
+                let status = if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+        Receiver { addr, bodies, up }
+    }
+}
+
+#[test]
+fn post_publish_signals_and_http_calls_and_an_unfinished_hook_runs_again_at_start() {
+    let repo = Repo::new();
+    let c1 = repo.commit_tree(&versioned_files(2, 1), "one");
+    repo.push();
+    let dir = TempDir::new("gitsync-post");
+
+    // A signal to the process in a pid file.
+    let hups = dir.path("hups");
+    let mut app = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo hup >> {}' HUP; echo $$ > {}; while true; do sleep 0.05; done",
+            hups.display(),
+            dir.path("app.pid").display()
+        ))
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(5), "the app's pid file", || {
+        dir.path("app.pid").exists()
+    });
+    let pid_file = dir.path("app.pid");
+    let sc = Sidecar::start(
+        &repo.bare,
+        &dir.path("sig"),
+        &[
+            "--period",
+            "200ms",
+            "--post-publish-signal",
+            "HUP",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+    );
+    sc.wait_published(&c1);
+    wait_for(Duration::from_secs(5), "SIGHUP to reach the app", || {
+        std::fs::read_to_string(&hups).is_ok_and(|s| s.lines().count() == 1)
+    });
+    drop(sc);
+    let _ = app.kill();
+    let _ = app.wait();
+
+    // An HTTP call; while the receiver fails, the hook fails (the tree is published all the
+    // same) and a restarted sidecar calls again for the published commit.
+    let rx = Receiver::start();
+    rx.up.store(false, Ordering::Relaxed);
+    let root = dir.path("http");
+    let url = format!("http://{}/deployed", rx.addr);
+    let args = [
+        "--period",
+        "1h",
+        "--hook-retries",
+        "0",
+        "--post-publish-http",
+        url.as_str(),
+    ];
+    let sc = Sidecar::start(&repo.bare, &root, &args);
+    sc.wait_published(&c1);
+    wait_for(
+        Duration::from_secs(10),
+        "the failed hook to be logged",
+        || sc.log().contains("post-publish hook failed"),
+    );
+    assert!(
+        sc.status()["post_publish_done"].is_null(),
+        "{}",
+        sc.status()
+    );
+    drop(sc);
+    rx.up.store(true, Ordering::Relaxed);
+    let sc = Sidecar::start(&repo.bare, &root, &args);
+    wait_for(
+        Duration::from_secs(10),
+        "the hook to run again at start",
+        || rx.bodies.lock().unwrap().iter().any(|b| b.contains(&c1)),
+    );
+    wait_for(Duration::from_secs(5), "the hook to be recorded", || {
+        sc.status()["post_publish_done"] == c1.as_str()
+    });
+    assert!(sc.log().contains("re-running the post-publish hook"));
+    assert_eq!(
+        rx.bodies.lock().unwrap().len(),
+        1,
+        "called once when it succeeded"
+    );
+}
+
+#[test]
+fn a_full_disk_fails_the_sync_and_keeps_the_published_tree() {
+    let repo = Repo::new();
+    let c1 = repo.commit_tree(&versioned_files(3, 1), "small");
+    repo.push();
+    let dir = TempDir::new("gitsync-full");
+    let root = dir.path("app");
+    std::fs::create_dir_all(&root).unwrap();
+    // A 2 MiB filesystem: the mirror and one small tree fit, a 3 MiB file does not.
+    ambassador_tests::netns::sh(&format!(
+        "mount -t tmpfs -o size=2m gitsync-full {}",
+        root.display()
+    ));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _m = Unmount(root.clone());
+    let sc = Sidecar::start(&repo.bare, &root, &["--period", "300ms"]);
+    sc.wait_published(&c1);
+    let mut files = versioned_files(3, 2);
+    let big: String = (0..3 * 1024 * 1024 / 64)
+        .map(|i| format!("{i:063x}\n"))
+        .collect();
+    files.push(("big.bin".into(), big));
+    repo.commit_tree(&files, "too big");
+    repo.push();
+    wait_for(
+        Duration::from_secs(20),
+        "the failure to be reported",
+        || sc.status()["consecutive_failures"].as_u64().unwrap_or(0) >= 1,
+    );
+    let st = sc.status();
+    let err = st["last_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(err.contains("space") || err.contains("quota"), "{st}");
+    assert_eq!(sc.published().as_deref(), Some(c1.as_str()));
+    assert_eq!(read_tree(&root, 3), Some(1));
+    // Nothing half-written is left to fill the disk for the next sync.
+    let leftovers: Vec<_> = std::fs::read_dir(root.join(".gitsync"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Space again: a smaller commit publishes.
+    let c3 = repo.commit_tree(&versioned_files(3, 3), "small again");
+    repo.push();
+    sc.wait_published(&c3);
+}

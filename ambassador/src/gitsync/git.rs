@@ -170,3 +170,52 @@ pub fn checkout(repo_dir: &Path, commit: &str, dest: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_reach_git_by_environment_never_argv() {
+        let dir = std::env::temp_dir().join(format!("gitsync-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("token"), "s3cr3t-token\n").unwrap();
+        std::fs::write(dir.join("key"), "k").unwrap();
+        std::fs::write(dir.join("known"), "h").unwrap();
+        let mut spec: Spec =
+            serde_yaml::from_str("repo: https://git.example/a.git\nroot: /r\n").unwrap();
+        spec.credentials.token_file = Some(dir.join("token"));
+        spec.credentials.ssh_key_file = Some(dir.join("key"));
+        spec.credentials.known_hosts_file = Some(dir.join("known"));
+        let mut c = git(Path::new("/m"));
+        c.arg("fetch");
+        credentials(&spec, &mut c).unwrap();
+        let std = c.as_std();
+        let argv: Vec<String> = std
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(!argv.iter().any(|a| a.contains("s3cr3t")), "{argv:?}");
+        let env: std::collections::HashMap<String, String> = std
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        let header = &env["GIT_CONFIG_VALUE_0"];
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode("x-access-token:s3cr3t-token");
+        assert_eq!(header, &format!("Authorization: Basic {expected}"));
+        assert_eq!(env["GIT_CONFIG_KEY_0"], "http.extraHeader");
+        let ssh = &env["GIT_SSH_COMMAND"];
+        assert!(
+            ssh.contains("StrictHostKeyChecking=yes") && ssh.contains("known'"),
+            "{ssh}"
+        );
+        assert_eq!(env["GIT_TERMINAL_PROMPT"], "0");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
