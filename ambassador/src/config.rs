@@ -43,6 +43,9 @@ pub struct Config {
     /// Repositories the daemon keeps synced and published (the git-push PaaS sidecar).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gitsync: Vec<crate::gitsync::Spec>,
+    /// Which DNS server brokered services ask (default: the system's resolv.conf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolvers: Option<crate::discovery::Resolvers>,
 }
 
 impl Config {
@@ -89,6 +92,10 @@ pub struct ServiceConfig {
     /// served by the userspace data plane on `listen`, with the same backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// Where the backends come from: `static` (`split.backends`), or resolved from `dns` /
+    /// `dns-srv` every `refresh` (the brokering ambassador).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<crate::discovery::BrokerConfig>,
     /// Active health checks of the backends: an unhealthy backend leaves the table (only its
     /// clients move) until it is healthy again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -685,6 +692,10 @@ impl Config {
             }
             if let Some(h) = &s.health {
                 validate_health(&at, s, h)?;
+            }
+            if let Some(b) = &s.broker {
+                crate::discovery::validate(s, b)
+                    .map_err(|(k, m, f)| (format!("{at}.{k}"), Some("broker:".into()), m, f))?;
             }
             if s.cgroup.is_some() && s.tls.is_some() {
                 return Err((

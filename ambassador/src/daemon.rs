@@ -100,6 +100,9 @@ pub struct State {
     /// The git syncs this daemon runs: its config's repository and `gitsync:` jobs.
     #[serde(default)]
     pub gitsync: Vec<crate::gitsync::Status>,
+    /// Brokered services: the endpoint set serving and whether it is stale.
+    #[serde(default)]
+    pub discovery: Vec<crate::discovery::DiscoveryStatus>,
 }
 
 impl State {
@@ -248,6 +251,8 @@ struct Daemon {
     /// The config's own repository (`--config-git`) and the config's `gitsync:` jobs.
     config_git: Option<Arc<crate::gitsync::Syncer>>,
     jobs: crate::gitsync::Jobs,
+    discovery: crate::discovery::Manager,
+    discovery_tx: tokio::sync::mpsc::UnboundedSender<crate::discovery::Update>,
     state: State,
 }
 
@@ -291,7 +296,9 @@ impl Daemon {
     /// Serve `cfg` with the runtime overrides laid over it.
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
         let file_cfg = cfg;
-        let effective = self.health.overlay(&self.state.overrides.overlay(cfg));
+        let effective = self
+            .health
+            .overlay(&self.state.overrides.overlay(&self.discovery.overlay(cfg)));
         let cfg = &effective;
         let plan = Plan::build_from(cfg, self.last_plan.as_ref());
         for s in cfg.services.iter().filter(|s| s.sharding().is_some()) {
@@ -420,6 +427,7 @@ impl Daemon {
                 {
                     warn!("`interfaces` changed; attaching to new interfaces takes a restart");
                 }
+                self.discovery.update(&cfg, &self.discovery_tx).await;
                 match self.apply(&cfg).await {
                     Ok(ids) => {
                         self.jobs.update(&cfg.gitsync).await;
@@ -517,8 +525,25 @@ impl Daemon {
         self.publish();
     }
 
+    /// A brokered service's endpoints changed: rebuild its tables (open flows continue).
+    async fn discovered(&mut self, u: crate::discovery::Update) {
+        if !self.discovery.handle(u) {
+            return;
+        }
+        let cfg = self.state.config.clone();
+        match self.apply(&cfg).await {
+            Ok(ids) => {
+                self.state.generation += 1;
+                self.state.ids = ids;
+            }
+            Err(e) => error!("applying discovered endpoints failed: {e:#}"),
+        }
+        self.publish();
+    }
+
     fn publish(&mut self) {
         self.state.health = self.health.report();
+        self.state.discovery = self.discovery.report();
         self.state.gitsync = self
             .config_git
             .iter()
@@ -701,6 +726,7 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
     crate::admin::serve(&admin_endpoint, admin.clone()).await?;
     let (health, mut health_rx) = crate::health::Monitor::new();
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (disc_tx, mut disc_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut d = Daemon {
         state: State {
             pid: std::process::id(),
@@ -721,6 +747,7 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
             overrides,
             health: Vec::new(),
             gitsync: Vec::new(),
+            discovery: Vec::new(),
         },
         opts: opts.clone(),
         kernel,
@@ -738,8 +765,11 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
         last_plan: None,
         config_git,
         jobs: Default::default(),
+        discovery: Default::default(),
+        discovery_tx: disc_tx,
     };
     let _ = d.userspace.counters.failed_connects.set(failed_tx);
+    d.discovery.update(&cfg, &d.discovery_tx).await;
     d.state.ids = d.apply(&cfg).await?;
     d.jobs.update(&cfg.gitsync).await;
     if cfg.services.iter().any(|s| s.sharding().is_some()) {
@@ -814,6 +844,7 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
             }
             Some(req) = admin_rx.recv() => d.admin(req).await,
             Some(ev) = health_rx.recv() => d.health_event(ev).await,
+            Some(u) = disc_rx.recv() => d.discovered(u).await,
             Some((service, backend)) = failed_rx.recv() => {
                 if let Some(ev) = d.health.failed_connect(&service, backend) {
                     d.health_event(ev).await;

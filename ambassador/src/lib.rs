@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod gitsync;
 pub mod health;
 pub mod metrics;

@@ -26,6 +26,9 @@ pub struct StatusReport {
     /// The git syncs: the config's own repository (`--config-git`) and `gitsync:` jobs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gitsync: Vec<crate::gitsync::Status>,
+    /// Brokered services' discovery: serving set, last success, and the error while stale.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discovery: Vec<crate::discovery::DiscoveryStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,8 +74,9 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         Some(dir) => Some(crate::dataplane::kernel::open_flows_pinned(dir)?),
         None => None,
     };
-    let services = state
-        .config
+    // Brokered services show the endpoints discovery found.
+    let config = crate::discovery::overlay(&state.config, &state.discovery);
+    let services = config
         .services
         .iter()
         .map(|s| {
@@ -149,6 +153,7 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         userspace: state.userspace,
         shards: state.shards,
         gitsync: state.gitsync,
+        discovery: state.discovery,
     })
 }
 
@@ -172,6 +177,17 @@ pub fn render(r: &StatusReport) -> String {
             "last reload REJECTED (still serving generation {}): {e}",
             r.generation
         );
+    }
+    for d in &r.discovery {
+        if let Some(e) = &d.last_error {
+            let _ = writeln!(
+                o,
+                "discovery {} ({}): STALE, serving the last good set of {}: {e}",
+                d.service,
+                d.name,
+                d.backends.len()
+            );
+        }
     }
     for g in &r.gitsync {
         let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(12)].to_string());

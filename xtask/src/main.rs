@@ -99,7 +99,7 @@ fn output(cmd: &str, args: &[&str]) -> String {
 /// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`;
 /// nutcracker and redis-server for the Redis placement golden tests; curl and chromium (headless)
 /// for the admin API and dashboard tests; git for gitsync (fetching, `git daemon`, the tests'
-/// repositories).
+/// repositories); dnsmasq-base as the DNS server of the discovery tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -121,6 +121,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "chromium",
     "git",
+    "dnsmasq-base",
 ];
 
 fn setup() -> Result<()> {

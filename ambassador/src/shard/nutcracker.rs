@@ -119,6 +119,7 @@ pub fn import(text: &str) -> Result<Config, String> {
             tls: None,
             limits: Limits::default(),
             cgroup: None,
+            broker: None,
             health: None,
         });
         let sharding = RedisConfig {
@@ -145,6 +146,7 @@ pub fn import(text: &str) -> Result<Config, String> {
         interfaces: Vec::new(),
         services,
         gitsync: Vec::new(),
+        resolvers: None,
     })
 }
 
