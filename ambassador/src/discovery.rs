@@ -38,6 +38,9 @@ pub enum Source {
     Dns,
     /// SRV records of `name`: the lowest priority with a live target, SRV weights as weights.
     DnsSrv,
+    /// A Consul service through Consul's DNS interface (`resolvers.dns`, usually the agent on
+    /// 127.0.0.1:8600): SRV records of `NAME.service.consul`, healthy instances only.
+    Consul,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -147,7 +150,12 @@ pub async fn resolve(
                 })
                 .collect()
         }
-        Source::DnsSrv => {
+        Source::DnsSrv | Source::Consul => {
+            let name = if b.source == Source::Consul {
+                format!("{}.service.consul.", b.name.trim_end_matches('.'))
+            } else {
+                name.clone()
+            };
             let lk = r
                 .srv_lookup(name.as_str())
                 .await
@@ -366,12 +374,12 @@ pub fn validate(s: &ServiceConfig, b: &BrokerConfig) -> Result<(), (String, Stri
                 );
             }
         }
-        Source::Dns | Source::DnsSrv => {
+        Source::Dns | Source::DnsSrv | Source::Consul => {
             if b.name.trim().is_empty() {
                 return err(
                     "broker.name",
                     "is missing".into(),
-                    "name what to resolve, e.g. `db.internal` (dns) or `_mysql._tcp.db.internal` (dns-srv)",
+                    "name what to resolve, e.g. `db.internal` (dns), `_mysql._tcp.db.internal` (dns-srv) or `mysql` (consul)",
                 );
             }
             if !s.split.backends.is_empty() {
@@ -381,7 +389,7 @@ pub fn validate(s: &ServiceConfig, b: &BrokerConfig) -> Result<(), (String, Stri
                     "write `backends: []`, or use `source: static`",
                 );
             }
-            if b.source == Source::DnsSrv && b.port.is_some() {
+            if matches!(b.source, Source::DnsSrv | Source::Consul) && b.port.is_some() {
                 return err(
                     "broker.port",
                     "is set, but SRV records carry their own ports".into(),

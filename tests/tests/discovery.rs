@@ -47,6 +47,7 @@ impl Dnsmasq {
             "--bind-interfaces",
             "--listen-address=127.0.0.1",
             "--local=/internal/",
+            "--local=/consul/",
             "--log-facility=-",
         ])
         .arg(format!("--port={}", self.port))
@@ -204,6 +205,19 @@ fn srv_records_give_priority_and_weights() {
         "_mysql._tcp.db.internal,db3.internal,3308,20,100",
     ];
     let dns = Dnsmasq::start(dport, hosts, &srv);
+    // Consul's DNS naming, served by the same server (as a Consul agent on :8600 would).
+    let consul_port = free_port();
+    let consul = Dnsmasq::start(
+        consul_port,
+        "127.0.0.5 node1.node.dc1.consul\n",
+        &["mysql.service.consul,node1.node.dc1.consul,3310,1,1"],
+    );
+    let cport = free_port();
+    let c = LocalDaemon::start(&format!(
+        "resolvers: {{ dns: 127.0.0.1:{consul_port} }}\nservices:\n  - name: mysql\n    listen: 127.0.0.1:{cport}/tcp\n    broker: {{ source: consul, name: mysql, refresh: 200ms }}\n    split: {{ key: src-ip-port, backends: [] }}\n"
+    ));
+    wait_backends(&c, &["127.0.0.5:3310 w1".to_string()]);
+    drop((c, consul));
     let lport = free_port();
     let d = LocalDaemon::start(&format!(
         "resolvers: {{ dns: 127.0.0.1:{dport} }}\nservices:\n  - name: mysql\n    listen: 127.0.0.1:{lport}/tcp\n    broker: {{ source: dns-srv, name: _mysql._tcp.db.internal, refresh: 200ms }}\n    split: {{ key: src-ip-port, backends: [] }}\n"

@@ -373,6 +373,23 @@ fn serve_refuses_a_push_whose_config_fails_check() {
         git(&bare, &["rev-parse", "main"]),
         git(&work, &["rev-parse", "HEAD"])
     );
+    // A sidecar syncs from the served repository over git://.
+    let out = Command::new(ambassador_bin())
+        .args(["gitsync", "--once", "--repo", &url, "--root"])
+        .arg(dir.path("synced"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_link(dir.path("synced/current"))
+            .unwrap()
+            .to_string_lossy(),
+        git(&work, &["rev-parse", "HEAD"])
+    );
     // SIGTERM stops the git daemon with it (no listener left behind).
     ambassador_tests::netns::sh(&format!("kill -TERM {}", server.id()));
     let _ = server.wait();
