@@ -191,9 +191,9 @@ where
     });
 }
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
-fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
+pub(crate) fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -202,7 +202,7 @@ fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
         .expect("static parts are valid")
 }
 
-fn text(status: u16, body: impl Into<String>) -> Resp {
+pub(crate) fn text(status: u16, body: impl Into<String>) -> Resp {
     let mut b: String = body.into();
     if !b.ends_with('\n') {
         b.push('\n');

@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{anyhow, Result};
@@ -234,13 +234,6 @@ fn brokered(cfg: &Config) -> impl Iterator<Item = (&ServiceConfig, &BrokerConfig
     })
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
 impl Manager {
     /// Start, restart or stop tasks to match `cfg`. A new service is resolved once before this
     /// returns (bounded by the resolver's timeout), so its first table is not empty.
@@ -308,7 +301,7 @@ impl Manager {
             });
         match result {
             Ok(set) => {
-                st.last_success = Some(unix_now());
+                st.last_success = Some(crate::health::now_secs());
                 if st.last_error.take().is_some() {
                     info!(%service, name = %st.name, "discovery answers again");
                 }

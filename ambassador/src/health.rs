@@ -65,7 +65,8 @@ impl Drop for Monitor {
     }
 }
 
-fn now_secs() -> u64 {
+/// Unix seconds now (status timestamps).
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())

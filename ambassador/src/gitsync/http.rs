@@ -4,9 +4,8 @@
 use std::{convert::Infallible, sync::Arc};
 
 use anyhow::{Context as _, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -16,9 +15,10 @@ use prometheus_client::{
 use tracing::{debug, info, warn};
 
 use super::{Status, Syncer, Webhook};
+use crate::admin::{reply, text, Resp};
 
-/// Bind and serve in the background.
-pub async fn serve(w: &Webhook, syncer: Arc<Syncer>) -> Result<std::net::SocketAddr> {
+/// Bind and serve in the background; aborting the returned task closes the listener.
+pub async fn serve(w: &Webhook, syncer: Arc<Syncer>) -> Result<tokio::task::JoinHandle<()>> {
     let secret = match &w.secret_file {
         Some(f) => Some(Arc::new(
             std::fs::read_to_string(f)
@@ -33,7 +33,7 @@ pub async fn serve(w: &Webhook, syncer: Arc<Syncer>) -> Result<std::net::SocketA
         .with_context(|| format!("webhook: binding {}", w.listen))?;
     let addr = l.local_addr()?;
     info!(job = %syncer.spec.name, %addr, "webhook, readiness and metrics served");
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else {
                 continue;
@@ -49,23 +49,7 @@ pub async fn serve(w: &Webhook, syncer: Arc<Syncer>) -> Result<std::net::SocketA
                 }
             });
         }
-    });
-    Ok(addr)
-}
-
-type Resp = Response<Full<Bytes>>;
-
-fn reply(status: u16, content_type: &str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("cache-control", "no-store")
-        .body(Full::new(body.into()))
-        .expect("static parts are valid")
-}
-
-fn text(status: u16, body: &str) -> Resp {
-    reply(status, "text/plain; charset=utf-8", format!("{body}\n"))
+    }))
 }
 
 async fn handle(

@@ -408,7 +408,7 @@ impl Syncer {
                 if !matches!(o, Outcome::Rejected(..)) && !still_rejected {
                     st.consecutive_failures = 0;
                     st.last_error = None;
-                    st.last_success = Some(unix_now());
+                    st.last_success = Some(crate::health::now_secs());
                 }
                 match o {
                     Outcome::Published(c) => {
@@ -629,45 +629,59 @@ fn backoff(period: Duration, failures: u32) -> Duration {
         .max(Duration::from_millis(100))
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
-
 /// Jobs from a config's `gitsync:` section, run by the daemon: started, and restarted when
 /// their entry changes on reload.
 #[derive(Default)]
 pub struct Jobs {
-    running: Vec<(Spec, Arc<Syncer>, tokio::task::JoinHandle<()>)>,
+    running: Vec<Job>,
+}
+
+struct Job {
+    spec: Spec,
+    syncer: Arc<Syncer>,
+    task: tokio::task::JoinHandle<()>,
+    /// Its webhook listener: stopped with the job so a restarted job can bind the port.
+    webhook: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Jobs {
     pub async fn update(&mut self, specs: &[Spec]) {
         let old = std::mem::take(&mut self.running);
-        for (spec, syncer, handle) in old {
-            if specs.contains(&spec) {
-                self.running.push((spec, syncer, handle));
+        for job in old {
+            if specs.contains(&job.spec) {
+                self.running.push(job);
             } else {
-                handle.abort();
-                info!(job = %spec.name, "gitsync job stopped");
+                job.task.abort();
+                if let Some(w) = job.webhook {
+                    w.abort();
+                }
+                info!(job = %job.spec.name, "gitsync job stopped");
             }
         }
         for spec in specs {
-            if self.running.iter().any(|(s, _, _)| s == spec) {
+            if self.running.iter().any(|j| j.spec == *spec) {
                 continue;
             }
             match Syncer::new(spec.clone()) {
                 Ok(s) => {
-                    if let Some(w) = &spec.webhook {
-                        if let Err(e) = http::serve(w, s.clone()).await {
-                            error!(job = %spec.name, "webhook not served: {e:#}");
-                        }
-                    }
-                    let handle = tokio::spawn(s.clone().run());
+                    let webhook = match &spec.webhook {
+                        Some(w) => match http::serve(w, s.clone()).await {
+                            Ok(h) => Some(h),
+                            Err(e) => {
+                                error!(job = %spec.name, "webhook not served: {e:#}");
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let task = tokio::spawn(s.clone().run());
                     info!(job = %spec.name, repo = %spec.repo, root = %spec.root.display(), "gitsync job started");
-                    self.running.push((spec.clone(), s, handle));
+                    self.running.push(Job {
+                        spec: spec.clone(),
+                        syncer: s,
+                        task,
+                        webhook,
+                    });
                 }
                 Err(e) => error!(job = %spec.name, "gitsync job not started: {e:#}"),
             }
@@ -675,12 +689,12 @@ impl Jobs {
     }
 
     pub fn statuses(&self) -> Vec<Status> {
-        self.running.iter().map(|(_, s, _)| s.status()).collect()
+        self.running.iter().map(|j| j.syncer.status()).collect()
     }
 
     pub fn trigger_all(&self) {
-        for (_, s, _) in &self.running {
-            s.trigger();
+        for j in &self.running {
+            j.syncer.trigger();
         }
     }
 }
