@@ -59,7 +59,16 @@ fn keys(pool: &str) -> Vec<Vec<u8>> {
 fn placement_matches_nutcracker_for_every_hash_and_distribution() {
     let dir = TempDir::new("shard");
     let weights = [1u32, 2, 1];
-    let ports: Vec<u16> = weights.iter().map(|_| free_port()).collect();
+    // free_port can hand out a port twice (each is free when asked): nutcracker refuses a
+    // config whose pools share a listen address, so every port here is distinct.
+    let mut used = std::collections::HashSet::new();
+    let mut unique_port = move || loop {
+        let p = free_port();
+        if used.insert(p) {
+            break p;
+        }
+    };
+    let ports: Vec<u16> = weights.iter().map(|_| unique_port()).collect();
     let _redis: Vec<Proc> = ports.iter().map(|p| redis_server(&dir, *p, "")).collect();
 
     // One pool per (hash, distribution, named servers?).
@@ -76,7 +85,7 @@ fn placement_matches_nutcracker_for_every_hash_and_distribution() {
                     hash.name(),
                     if named { "named" } else { "anon" }
                 );
-                let port = free_port();
+                let port = unique_port();
                 conf.push_str(&format!(
                     "{name}:\n  listen: 127.0.0.1:{port}\n  hash: {}\n  distribution: {kname}\n  hash_tag: \"{{}}\"\n  redis: true\n  auto_eject_hosts: false\n  servers:\n",
                     hash.name()
@@ -99,7 +108,7 @@ fn placement_matches_nutcracker_for_every_hash_and_distribution() {
         &format!(
             "nutcracker -c {} -s {} -o {}",
             conf_path.display(),
-            free_port(),
+            unique_port(),
             dir.path("nutcracker.log").display()
         ),
         &dir.path("nutcracker.log"),
