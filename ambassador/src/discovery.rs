@@ -27,7 +27,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::{BackendConfig, Config, ServiceConfig};
+use crate::config::{BackendConfig, Config, Proto, ServiceConfig};
+
+mod binding;
+mod kubernetes;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
@@ -41,6 +44,10 @@ pub enum Source {
     /// A Consul service through Consul's DNS interface (`resolvers.dns`, usually the agent on
     /// 127.0.0.1:8600): SRV records of `NAME.service.consul`, healthy instances only.
     Consul,
+    /// The EndpointSlices of a Kubernetes Service (`namespace/service`), watched.
+    Kubernetes,
+    /// A Service Binding directory (`$SERVICE_BINDING_ROOT/<name>`, or an absolute path).
+    Binding,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -52,6 +59,9 @@ pub struct BrokerConfig {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// `kubernetes`: which of the Service's named ports (needed when it has several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
     #[serde(default = "default_refresh", with = "crate::config::duration")]
     pub refresh: Duration,
 }
@@ -79,12 +89,23 @@ pub struct DiscoveryStatus {
     pub last_success: Option<u64>,
     /// Set while answers fail: the last good set is stale.
     pub last_error: Option<String>,
+    /// Endpoints that are terminating but still serve: flows already on them continue,
+    /// new flows go to `backends` (Kubernetes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<SocketAddr>,
+}
+
+/// A source's answer: the endpoints that take new flows, and those draining.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Found {
+    pub backends: Vec<BackendConfig>,
+    pub draining: Vec<SocketAddr>,
 }
 
 /// One resolution's result for a service.
 pub struct Update {
     pub service: String,
-    pub result: Result<Vec<BackendConfig>, String>,
+    pub result: Result<Found, String>,
 }
 
 fn resolver(r: &Resolvers) -> Result<TokioResolver> {
@@ -119,7 +140,7 @@ fn resolver(r: &Resolvers) -> Result<TokioResolver> {
     }
 }
 
-fn fqdn(name: &str) -> String {
+pub(crate) fn fqdn(name: &str) -> String {
     if name.ends_with('.') {
         name.to_string()
     } else {
@@ -135,7 +156,13 @@ pub async fn resolve(
 ) -> Result<Vec<BackendConfig>, String> {
     let name = fqdn(&b.name);
     let mut out: Vec<BackendConfig> = match b.source {
-        Source::Static => return Err("a static broker has nothing to resolve".into()),
+        Source::Static | Source::Kubernetes => {
+            return Err(format!(
+                "a {:?} broker is not resolved by polling",
+                b.source
+            ))
+        }
+        Source::Binding => binding::resolve(r, b, listen_port).await?,
         Source::Dns => {
             let port = b.port.unwrap_or(listen_port);
             let ips = r
@@ -218,10 +245,21 @@ pub async fn resolve(
     Ok(out)
 }
 
+/// How long a new service waits for its source's first answer before the daemon goes on.
+const FIRST_ANSWER: Duration = Duration::from_secs(5);
+
+/// A running discovery task: what it was started with, and its tasks (producer, forwarder).
+struct Task {
+    broker: BrokerConfig,
+    resolvers: Resolvers,
+    listen: (u16, Proto),
+    handles: [tokio::task::JoinHandle<()>; 2],
+}
+
 /// The discovery tasks of a config, restarted when their settings change.
 #[derive(Default)]
 pub struct Manager {
-    tasks: HashMap<String, (BrokerConfig, Resolvers, u16, tokio::task::JoinHandle<()>)>,
+    tasks: HashMap<String, Task>,
     status: HashMap<String, DiscoveryStatus>,
 }
 
@@ -234,63 +272,97 @@ fn brokered(cfg: &Config) -> impl Iterator<Item = (&ServiceConfig, &BrokerConfig
     })
 }
 
+/// Produce a service's answers on `out` until it closes: a watch for Kubernetes, else a poll
+/// every `refresh`.
+async fn produce(
+    b: BrokerConfig,
+    resolvers: Resolvers,
+    (port, proto): (u16, Proto),
+    out: mpsc::UnboundedSender<Result<Found, String>>,
+) {
+    if b.source == Source::Kubernetes {
+        return kubernetes::watch(b, proto, out).await;
+    }
+    let r = match resolver(&resolvers) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = out.send(Err(format!("{e:#}")));
+            return;
+        }
+    };
+    loop {
+        let found = resolve(&r, &b, port).await.map(|backends| Found {
+            backends,
+            draining: Vec::new(),
+        });
+        if out.send(found).is_err() {
+            return;
+        }
+        tokio::time::sleep(b.refresh).await;
+    }
+}
+
 impl Manager {
-    /// Start, restart or stop tasks to match `cfg`. A new service is resolved once before this
-    /// returns (bounded by the resolver's timeout), so its first table is not empty.
+    /// Start, restart or stop tasks to match `cfg`. A new service waits for its first answer
+    /// (at most [`FIRST_ANSWER`]) before this returns, so its first table is not empty.
     pub async fn update(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Update>) {
         let resolvers = cfg.resolvers.clone().unwrap_or_default();
-        let wanted: HashMap<String, (BrokerConfig, u16)> = brokered(cfg)
-            .map(|(s, b)| (s.name.clone(), (b.clone(), s.listen.addr.port())))
+        let wanted: HashMap<String, (BrokerConfig, (u16, Proto))> = brokered(cfg)
+            .map(|(s, b)| {
+                (
+                    s.name.clone(),
+                    (b.clone(), (s.listen.addr.port(), s.listen.proto)),
+                )
+            })
             .collect();
-        self.tasks.retain(|name, (b, r, p, h)| {
-            let keep = wanted.get(name) == Some(&(b.clone(), *p)) && *r == resolvers;
+        self.tasks.retain(|name, t| {
+            let keep =
+                wanted.get(name) == Some(&(t.broker.clone(), t.listen)) && t.resolvers == resolvers;
             if !keep {
-                h.abort();
+                t.handles.iter().for_each(|h| h.abort());
             }
             keep
         });
         self.status.retain(|name, _| wanted.contains_key(name));
-        for (service, (b, port)) in wanted {
+        for (service, (b, listen)) in wanted {
             if self.tasks.contains_key(&service) {
                 continue;
             }
-            let r = match resolver(&resolvers) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(%service, "discovery not started: {e:#}");
-                    continue;
-                }
+            let (rtx, mut rrx) = mpsc::unbounded_channel();
+            let producer = tokio::spawn(produce(b.clone(), resolvers.clone(), listen, rtx));
+            let first = match tokio::time::timeout(FIRST_ANSWER, rrx.recv()).await {
+                Ok(Some(r)) => r,
+                Ok(None) => Err("discovery stopped".to_string()),
+                Err(_) => Err(format!("no answer within {FIRST_ANSWER:?}")),
             };
-            let first = resolve(&r, &b, port).await;
             self.record(&service, &b, first);
-            let (tx, svc, bc) = (tx.clone(), service.clone(), b.clone());
-            let h = tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(bc.refresh).await;
-                    let result = resolve(&r, &bc, port).await;
-                    if tx
-                        .send(Update {
-                            service: svc.clone(),
-                            result,
-                        })
-                        .is_err()
-                    {
+            let (tx, svc) = (tx.clone(), service.clone());
+            let forwarder = tokio::spawn(async move {
+                while let Some(result) = rrx.recv().await {
+                    let u = Update {
+                        service: svc.clone(),
+                        result,
+                    };
+                    if tx.send(u).is_err() {
                         return;
                     }
                 }
             });
             info!(%service, name = %b.name, source = ?b.source, "discovery started");
-            self.tasks.insert(service, (b, resolvers.clone(), port, h));
+            self.tasks.insert(
+                service,
+                Task {
+                    broker: b,
+                    resolvers: resolvers.clone(),
+                    listen,
+                    handles: [producer, forwarder],
+                },
+            );
         }
     }
 
     /// Record a result; true when the serving set changed.
-    fn record(
-        &mut self,
-        service: &str,
-        b: &BrokerConfig,
-        result: Result<Vec<BackendConfig>, String>,
-    ) -> bool {
+    fn record(&mut self, service: &str, b: &BrokerConfig, result: Result<Found, String>) -> bool {
         let st = self
             .status
             .entry(service.to_string())
@@ -300,11 +372,18 @@ impl Manager {
                 ..Default::default()
             });
         match result {
-            Ok(set) => {
+            Ok(found) => {
                 st.last_success = Some(crate::health::now_secs());
                 if st.last_error.take().is_some() {
                     info!(%service, name = %st.name, "discovery answers again");
                 }
+                if st.draining != found.draining {
+                    info!(%service, name = %st.name, draining = ?found.draining, "draining endpoints changed");
+                    st.draining = found.draining;
+                }
+                let mut set = found.backends;
+                set.sort_by_key(|b| b.address);
+                set.dedup_by(|a, b| a.address == b.address);
                 if st.backends != set {
                     info!(%service, name = %st.name, endpoints = ?set.iter().map(|b| b.address).collect::<Vec<_>>(), "endpoints changed");
                     st.backends = set;
@@ -324,10 +403,10 @@ impl Manager {
 
     /// A task's result: true when the service's set changed (the daemon applies it).
     pub fn handle(&mut self, u: Update) -> bool {
-        let Some((b, ..)) = self.tasks.get(&u.service) else {
+        let Some(t) = self.tasks.get(&u.service) else {
             return false;
         };
-        let b = b.clone();
+        let b = t.broker.clone();
         self.record(&u.service, &b, u.result)
     }
 
@@ -367,12 +446,12 @@ pub fn validate(s: &ServiceConfig, b: &BrokerConfig) -> Result<(), (String, Stri
                 );
             }
         }
-        Source::Dns | Source::DnsSrv | Source::Consul => {
+        Source::Dns | Source::DnsSrv | Source::Consul | Source::Kubernetes | Source::Binding => {
             if b.name.trim().is_empty() {
                 return err(
                     "broker.name",
                     "is missing".into(),
-                    "name what to resolve, e.g. `db.internal` (dns), `_mysql._tcp.db.internal` (dns-srv) or `mysql` (consul)",
+                    "name what to resolve, e.g. `db.internal` (dns), `_mysql._tcp.db.internal` (dns-srv), `mysql` (consul), `db/mysql` (kubernetes: namespace/service) or `mysql` (binding: a directory under $SERVICE_BINDING_ROOT)",
                 );
             }
             if !s.split.backends.is_empty() {
@@ -388,6 +467,26 @@ pub fn validate(s: &ServiceConfig, b: &BrokerConfig) -> Result<(), (String, Stri
                     "is set, but SRV records carry their own ports".into(),
                     "remove `port`",
                 );
+            }
+            if b.port_name.is_some() && b.source != Source::Kubernetes {
+                return err(
+                    "broker.port_name",
+                    format!(
+                        "is set, but only `source: kubernetes` has named ports (this is {:?})",
+                        b.source
+                    ),
+                    "remove `port_name`",
+                );
+            }
+            if b.source == Source::Kubernetes {
+                let (ns, svc) = kubernetes::split_name(&b.name);
+                if ns.is_some_and(str::is_empty) || svc.is_empty() || svc.contains('/') {
+                    return err(
+                        "broker.name",
+                        format!("{:?} is not a Kubernetes Service name", b.name),
+                        "write `namespace/service` or `service`",
+                    );
+                }
             }
             if b.refresh < Duration::from_millis(100) {
                 return err(
@@ -442,5 +541,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(bad.message.contains("refersh"), "{bad}");
+        let bad = Config::parse(
+            std::path::Path::new("a.yaml"),
+            "services:\n  - name: db\n    listen: 127.0.0.1:3306/tcp\n    broker: { source: binding, name: db, port_name: mysql }\n    split: { backends: [] }\n",
+        )
+        .unwrap_err();
+        assert!(bad.key.ends_with("broker.port_name"), "{bad}");
+        let bad = Config::parse(
+            std::path::Path::new("a.yaml"),
+            "services:\n  - name: db\n    listen: 127.0.0.1:3306/tcp\n    broker: { source: kubernetes, name: /mysql }\n    split: { backends: [] }\n",
+        )
+        .unwrap_err();
+        assert!(
+            bad.key.ends_with("broker.name") && bad.fix.contains("namespace/service"),
+            "{bad}"
+        );
     }
 }

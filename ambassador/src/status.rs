@@ -188,6 +188,16 @@ pub fn render(r: &StatusReport) -> String {
                 d.backends.len()
             );
         }
+        if !d.draining.is_empty() {
+            let list: Vec<_> = d.draining.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(
+                o,
+                "discovery {} ({}): draining {} (terminating: open flows continue, no new ones)",
+                d.service,
+                d.name,
+                list.join(", ")
+            );
+        }
     }
     for g in &r.gitsync {
         let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(12)].to_string());

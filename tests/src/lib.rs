@@ -2,6 +2,8 @@
 //! etherparse (independent of the code under test), and the real `ambassador` binary.
 
 pub mod bench;
+pub mod cgroup;
+pub mod dnsmasq;
 pub mod fixture;
 pub mod git;
 pub mod local;

@@ -67,6 +67,11 @@ impl LocalDaemon {
     }
 
     pub fn start_with(yaml: &str, args: &[&str]) -> LocalDaemon {
+        Self::start_env(yaml, args, &[])
+    }
+
+    /// With extra environment variables (`KUBECONFIG`, `SERVICE_BINDING_ROOT`, ...).
+    pub fn start_env(yaml: &str, args: &[&str], env: &[(&str, &str)]) -> LocalDaemon {
         let dir = TempDir::new("daemon");
         std::fs::write(dir.path("ambassador.yaml"), yaml).unwrap();
         let log = std::fs::File::create(dir.path("ambassador.log")).unwrap();
@@ -82,6 +87,7 @@ impl LocalDaemon {
                 dir.0.file_name().unwrap().to_string_lossy()
             ))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

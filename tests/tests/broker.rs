@@ -7,67 +7,15 @@ use std::{
     collections::HashSet,
     io::{Read as _, Write as _},
     net::SocketAddr,
-    path::PathBuf,
     process::Command,
 };
 
 use ambassador_tests::{
+    cgroup::Cgroup,
     local::{free_port, HttpBackend, LocalDaemon},
     netns::sh,
     require_root,
 };
-
-/// A cgroup v2 directory for this test: under an existing cgroup2 mount, or a fresh mount
-/// (these machines mount only v1 hierarchies), removed on drop.
-struct Cgroup {
-    dir: PathBuf,
-    mount: Option<PathBuf>,
-}
-
-impl Cgroup {
-    fn new() -> Cgroup {
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-        let existing = mounts
-            .lines()
-            .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
-            .map(|l| PathBuf::from(l.split_whitespace().nth(1).unwrap()));
-        let (root, mount) = match existing {
-            Some(r) => (r, None),
-            None => {
-                let m = std::env::temp_dir().join(format!("amb-cg2-{}", std::process::id()));
-                std::fs::create_dir_all(&m).unwrap();
-                let out = Command::new("mount")
-                    .args(["-t", "cgroup2", "none"])
-                    .arg(&m)
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "cannot mount cgroup2 (the kernel needs CONFIG_CGROUPS with cgroup v2): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                (m.clone(), Some(m))
-            }
-        };
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = root.join(format!(
-            "amb-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Cgroup { dir, mount }
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-        if let Some(m) = &self.mount {
-            sh(&format!("umount {} ; rmdir {}", m.display(), m.display()));
-        }
-    }
-}
 
 /// Dial `service` 40 times from a process in the cgroup, then once from outside, and check
 /// both paths.
@@ -135,7 +83,7 @@ fn check_family(cg: &Cgroup, service: &str, a: &HttpBackend, b: &HttpBackend) {
 #[test]
 fn processes_in_the_cgroup_connect_straight_to_a_backend_and_see_the_dialed_address() {
     require_root();
-    let cg = Cgroup::new();
+    let cg = Cgroup::create();
     let (a4, b4) = (HttpBackend::start("alpha"), HttpBackend::start("bravo"));
     let v6: SocketAddr = "[::1]:0".parse().unwrap();
     let (a6, b6) = (
@@ -192,7 +140,7 @@ fn udp_datagrams_from_the_cgroup_go_straight_to_a_backend_and_replies_read_as_fr
         ("127.0.0.1:0", format!("127.0.0.1:{}", free_port())),
         ("[::1]:0", format!("[::1]:{}", free_port())),
     ] {
-        let cg = Cgroup::new();
+        let cg = Cgroup::create();
         let (a, seen_a) = udp_echo(bind, "alpha");
         let (b, seen_b) = udp_echo(bind, "bravo");
         let d = LocalDaemon::start(&format!(
@@ -240,4 +188,260 @@ fn udp_datagrams_from_the_cgroup_go_straight_to_a_backend_and_replies_read_as_fr
             );
         }
     }
+}
+
+/// A MariaDB server of the test's (Debian's `mariadb-server`) on `ip:port`, its data dir a
+/// copy of `template` (made once by `mariadb-install-db`).
+struct Mariadb {
+    child: std::process::Child,
+    _dir: ambassador_tests::local::TempDir,
+}
+
+impl Mariadb {
+    fn start(template: &std::path::Path, ip: &str, port: u16, id: u32) -> Mariadb {
+        let dir = ambassador_tests::local::TempDir::new("mariadb");
+        sh(&format!(
+            "cp -a {} {}",
+            template.display(),
+            dir.path("data").display()
+        ));
+        // The app's account, on every start (the template has only root@localhost).
+        let init = dir.path("init.sql");
+        std::fs::write(
+            &init,
+            "CREATE USER IF NOT EXISTS 'app'@'%';\nGRANT ALL ON *.* TO 'app'@'%';\n",
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path("mariadbd.out")).unwrap();
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path("data").display()))
+            .arg(format!("--socket={}", dir.path("sock").display()))
+            .arg(format!("--pid-file={}", dir.path("pid").display()))
+            .arg(format!("--log-error={}", dir.path("error.log").display()))
+            .arg(format!("--bind-address={ip}"))
+            .arg(format!("--port={port}"))
+            .arg(format!("--server-id={id}"))
+            .arg(format!("--init-file={}", init.display()))
+            .args([
+                "--user=root",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=16M",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mariadbd (setup installs mariadb-server)");
+        let m = Mariadb { child, _dir: dir };
+        ambassador_tests::topology::wait_for(
+            std::time::Duration::from_secs(30),
+            "mariadbd to accept queries",
+            || {
+                Command::new("mariadb")
+                    .args(["--no-defaults", "--protocol=TCP", "-uapp", "-h", ip])
+                    .arg(format!("-P{port}"))
+                    .args(["-e", "SELECT 1"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+        m
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mariadb ARGS` started inside the cgroup (the shell joins it, then execs the client).
+fn mariadb_in(cg: &Cgroup, args: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec mariadb --no-defaults --protocol=TCP -uapp -h127.0.0.1 -P3306 -N -B {args}",
+        cg.dir.display()
+    ));
+    c
+}
+
+/// One query over a fresh connection from the cgroup: the answer's first line.
+fn query_in(cg: &Cgroup, sql: &str) -> String {
+    let out = mariadb_in(cg, &format!("-e '{sql}'")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "mariadb in the cgroup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// An open `mariadb` session in the cgroup: queries on one connection.
+struct Session {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(mut c: Command) -> Session {
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Session { child, out }
+    }
+
+    fn ask(&mut self, sql: &str) -> String {
+        use std::io::BufRead as _;
+        writeln!(self.child.stdin.as_mut().unwrap(), "{sql};").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the session's connection ended");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which process owns the TCP socket with local address `addr` (from `ss`).
+fn socket_owner(addr: &str) -> String {
+    let out = Command::new("ss")
+        .args(["-tnpH", "state", "established", "src", addr])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn the_real_mariadb_client_in_the_cgroup_reaches_a_brokered_mariadb_without_a_hop() {
+    require_root();
+    // The service address the app dials, as in the book: nothing else may hold it.
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:3306").is_ok(),
+        "127.0.0.1:3306 is in use (a system MariaDB?): the test dials it as the app would; stop that server"
+    );
+    let tmp = ambassador_tests::local::TempDir::new("mariadb-template");
+    let template = tmp.path("data");
+    let out = Command::new("mariadb-install-db")
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", template.display()))
+        .args([
+            "--user=root",
+            "--skip-test-db",
+            "--auth-root-authentication-method=normal",
+        ])
+        .output()
+        .expect("mariadb-install-db (setup installs mariadb-server)");
+    assert!(
+        out.status.success(),
+        "mariadb-install-db: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let _one = Mariadb::start(&template, "127.0.0.2", port, 1);
+    let _two = Mariadb::start(&template, "127.0.0.3", port, 2);
+    let dport = free_port();
+    let mut dns = ambassador_tests::dnsmasq::Dnsmasq::start(
+        dport,
+        "127.0.0.2 db.internal\n127.0.0.3 db.internal\n",
+        &[],
+    );
+    let cg = Cgroup::create();
+    let d = LocalDaemon::start(&format!(
+        "resolvers: {{ dns: 127.0.0.1:{dport} }}
+services:
+  - name: mysql
+    listen: 127.0.0.1:3306/tcp
+    cgroup: {}
+    broker: {{ source: dns, name: db.internal, port: {port}, refresh: 200ms }}
+    split: {{ key: src-ip-port, backends: [] }}
+",
+        cg.dir.display()
+    ));
+    d.wait_log("connect-time ambassador attached");
+
+    // New connections from the cgroup spread over both servers.
+    let ids: HashSet<String> = (0..16)
+        .map(|_| query_in(&cg, "SELECT @@server_id"))
+        .collect();
+    assert_eq!(ids, HashSet::from(["1".into(), "2".into()]), "{}", d.log());
+
+    // An open session; the server sees the client's own socket (no proxy hop).
+    let mut s = Session::open(mariadb_in(&cg, "--unbuffered"));
+    let mine = s.ask("SELECT @@server_id");
+    let host = s.ask("SELECT host FROM information_schema.processlist WHERE id = CONNECTION_ID()");
+    let owner = socket_owner(&host);
+    assert!(
+        owner.contains("\"mariadb\"") && owner.contains(&format!("pid={}", s.child.id())),
+        "the server's peer {host} is the mariadb client's own socket: {owner}"
+    );
+
+    // Outside the cgroup the userspace data plane proxies (the server sees its socket).
+    let mut c = Command::new("mariadb");
+    c.args([
+        "--no-defaults",
+        "--protocol=TCP",
+        "-uapp",
+        "-h127.0.0.1",
+        "-P3306",
+        "-N",
+        "-B",
+        "--unbuffered",
+    ]);
+    let mut outside = Session::open(c);
+    let host =
+        outside.ask("SELECT host FROM information_schema.processlist WHERE id = CONNECTION_ID()");
+    let owner = socket_owner(&host);
+    assert!(
+        owner.contains("\"ambassador\"") && owner.contains(&format!("pid={}", d.pid())),
+        "outside the cgroup the server's peer {host} is the daemon's socket: {owner}"
+    );
+    drop(outside);
+
+    // The session's server leaves DNS: new connections go to the other, the session goes on.
+    let (gone, stays) = if mine == "1" {
+        ("127.0.0.2", "127.0.0.3")
+    } else {
+        ("127.0.0.3", "127.0.0.2")
+    };
+    dns.set_hosts(&format!("{stays} db.internal\n"));
+    ambassador_tests::topology::wait_for(
+        std::time::Duration::from_secs(15),
+        "the removed endpoint to leave the service",
+        || {
+            let st = d.status();
+            let b = st["services"][0]["backends"].to_string();
+            b.contains(stays) && !b.contains(gone)
+        },
+    );
+    let other = if mine == "1" { "2" } else { "1" };
+    for _ in 0..10 {
+        assert_eq!(query_in(&cg, "SELECT @@server_id"), other);
+    }
+    assert_eq!(
+        s.ask("SELECT @@server_id"),
+        mine,
+        "the open session moved or was cut"
+    );
+
+    // DNS down: the last good set keeps serving new connections.
+    dns.stop();
+    ambassador_tests::topology::wait_for(
+        std::time::Duration::from_secs(10),
+        "the dead DNS server to be reported",
+        || d.status()["discovery"][0]["last_error"].is_string(),
+    );
+    for _ in 0..5 {
+        assert_eq!(query_in(&cg, "SELECT @@server_id"), other);
+    }
+    assert_eq!(s.ask("SELECT 40 + 2"), "42");
 }

@@ -31,7 +31,7 @@ enum Cmd {
     Demo,
     /// Benchmarks that print ratios against peers measured in the same run.
     Bench {
-        #[arg(value_parser = ["xdp", "forward", "tls", "l4", "redis", "control", "gitsync"])]
+        #[arg(value_parser = ["xdp", "forward", "tls", "l4", "redis", "control", "gitsync", "connect"])]
         which: String,
     },
 }
@@ -122,6 +122,8 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "git",
     "dnsmasq-base",
+    "mariadb-server",
+    "mariadb-client",
 ];
 
 fn setup() -> Result<()> {
@@ -152,7 +154,7 @@ fn setup() -> Result<()> {
     let _ = Command::new("sh")
         .args([
             "-c",
-            "pkill -x nginx; pkill -x haproxy; pkill -x hitch; pkill -x memcached; true",
+            "pkill -x nginx; pkill -x haproxy; pkill -x hitch; pkill -x memcached; pkill -x mariadbd; true",
         ])
         .status();
 
