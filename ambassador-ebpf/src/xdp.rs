@@ -190,7 +190,7 @@ fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
         if h[0] >> 4 != 4 || ihl < 20 {
             return Err(());
         }
-        let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let tot_len = bounded_u16(u16::from_be_bytes([h[2], h[3]]))?;
         if u16::from_ne_bytes([h[6], h[7]]) & IP_FRAG_MASK != 0 {
             count(Stat::PassFragment);
             return Ok(None);
@@ -215,7 +215,7 @@ fn parse(ctx: &XdpContext) -> Result<Option<Packet>, ()> {
             return Err(());
         }
         let b1 = h[1].to_ne_bytes();
-        let plen = u16::from_be_bytes([b1[0], b1[1]]) as usize;
+        let plen = bounded_u16(u16::from_be_bytes([b1[0], b1[1]]))?;
         // Extension headers are not walked: they fall through to "not ours" and pass.
         let next = b1[2];
         if next == 44 {
@@ -552,6 +552,19 @@ fn forward(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> u32 {
 }
 
 #[inline(always)]
+/// A byte-swapped u16 as a length the verifier can bound. Kernels before 6.3 or so do not
+/// track the range of a `be16` result, and refuse adding it to a packet pointer ("math between
+/// pkt pointer and register with unbounded min value"); an explicit check on a value the
+/// compiler cannot see through (so cannot drop as always false) gives them the bound.
+#[inline(always)]
+fn bounded_u16(v: u16) -> Result<usize, ()> {
+    let v = core::hint::black_box(v as usize);
+    if v > 0xffff {
+        return Err(());
+    }
+    Ok(v)
+}
+
 fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
     if pkt.vlan {
         touch_now(cache);

@@ -295,6 +295,7 @@ impl Daemon {
 
     /// Serve `cfg` with the runtime overrides laid over it.
     async fn apply(&mut self, cfg: &Config) -> Result<Ids> {
+        ensure_fd_limit(cfg);
         let file_cfg = cfg;
         let effective = self
             .health
@@ -558,6 +559,55 @@ impl Daemon {
         if let Err(e) = self.state.write(&self.opts.state_dir) {
             warn!("could not write state: {e:#}");
         }
+    }
+}
+
+/// Open files the userspace paths may need: two per proxied connection (client and backend
+/// side) for every service's `max_connections`, plus room for listeners, maps and the rest.
+fn fds_needed(cfg: &Config) -> u64 {
+    let conns: u64 = cfg
+        .services
+        .iter()
+        .map(|s| s.limits.max_connections as u64)
+        .sum();
+    conns * 2 + 4096
+}
+
+/// Raise RLIMIT_NOFILE to what the config's connection limits need, as haproxy does for its
+/// maxconn: the soft limit up to the hard one, and the hard one too when privileged (bounded
+/// by `fs.nr_open`). A limit that stays short is logged with the fix.
+fn ensure_fd_limit(cfg: &Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = fds_needed(cfg);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = want.min(nr_open.max(hard));
+    let new_hard = hard.max(target);
+    let got = setrlimit(Resource::RLIMIT_NOFILE, target, new_hard)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard.min(target), hard))
+        .ok()
+        .and_then(|_| getrlimit(Resource::RLIMIT_NOFILE).ok())
+        .map_or(soft, |(s, _)| s);
+    if got >= want {
+        info!(
+            from = soft,
+            to = got,
+            "raised the open-file limit for the configured max_connections"
+        );
+    } else {
+        warn!(
+            limit = got,
+            needed = want,
+            "the open-file limit is below what the services' max_connections need: raise it (LimitNOFILE=, ulimit -n) or lower limits.max_connections"
+        );
     }
 }
 

@@ -17,6 +17,12 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DiscoveryLabels {
+    service: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NameLabel {
     name: String,
 }
@@ -108,6 +114,42 @@ pub fn encode_report(r: &StatusReport) -> String {
     for (k, v) in &r.userspace {
         user.get_or_create(&NameLabel { name: k.clone() })
             .inc_by(*v);
+    }
+    let endpoints = Family::<DiscoveryLabels, Gauge>::default();
+    reg.register(
+        "discovery_endpoints",
+        "Endpoints of a brokered service taking new flows (the last good set)",
+        endpoints.clone(),
+    );
+    let draining = Family::<DiscoveryLabels, Gauge>::default();
+    reg.register(
+        "discovery_draining_endpoints",
+        "Terminating endpoints of a brokered service that keep their open flows",
+        draining.clone(),
+    );
+    let stale = Family::<DiscoveryLabels, Gauge>::default();
+    reg.register(
+        "discovery_stale",
+        "1 while a brokered service's discovery fails and the last good set serves",
+        stale.clone(),
+    );
+    let last_success = Family::<DiscoveryLabels, Gauge>::default();
+    reg.register(
+        "discovery_last_success_timestamp_seconds",
+        "Unix time of a brokered service's last good answer",
+        last_success.clone(),
+    );
+    for d in &r.discovery {
+        let l = DiscoveryLabels {
+            service: d.service.clone(),
+            name: d.name.clone(),
+        };
+        endpoints.get_or_create(&l).set(d.backends.len() as i64);
+        draining.get_or_create(&l).set(d.draining.len() as i64);
+        stale.get_or_create(&l).set(d.last_error.is_some() as i64);
+        if let Some(t) = d.last_success {
+            last_success.get_or_create(&l).set(t as i64);
+        }
     }
     let generation = Gauge::<i64>::default();
     generation.set(r.generation as i64);

@@ -134,6 +134,17 @@ impl LocalDaemon {
     }
 
     /// Wait for the log to contain `needle`.
+    /// `GET /metrics` over the admin socket (as Prometheus scrapes it through a sidecar).
+    pub fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sf", "--unix-socket"])
+            .arg(self.dir.path("state/admin.sock"))
+            .arg("http://ambassador/metrics")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn wait_log(&self, needle: &str) {
         wait_for(
             Duration::from_secs(10),

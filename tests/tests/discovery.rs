@@ -372,6 +372,12 @@ fn kubernetes_endpoint_slices_are_watched_joined_and_terminating_endpoints_drain
     );
     let st = d.status();
     assert_eq!(st["discovery"][0]["draining"][0], a.to_string(), "{st}");
+    let metrics = d.metrics();
+    assert!(
+        metrics.contains(r#"ambassador_discovery_draining_endpoints{service="db",name="mysql"} 1"#)
+            && metrics.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 0"#),
+        "{metrics}"
+    );
     let text = std::process::Command::new(ambassador_tests::ambassador_bin())
         .args(["status", "--state-dir"])
         .arg(d.dir.path("state"))
@@ -418,6 +424,12 @@ fn kubernetes_endpoint_slices_are_watched_joined_and_terminating_endpoints_drain
     let st = d.status();
     let err = st["discovery"][0]["last_error"].as_str().unwrap();
     assert!(err.contains("db/mysql"), "{st}");
+    let metrics = d.metrics();
+    assert!(
+        metrics.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 1"#)
+            && metrics.contains(r#"ambassador_discovery_endpoints{service="db",name="mysql"} 1"#),
+        "{metrics}"
+    );
     assert_eq!(backends(&d), vec![format!("{c} w1")]);
     assert!(names_of(&d, listen, 5).iter().all(|n| n == "c"));
     // It recovers with its watch history compacted: the resumed watch gets 410, the client

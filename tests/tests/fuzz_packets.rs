@@ -356,7 +356,10 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
             _ => panic!("rewrote a non-TCP/UDP/ICMP packet: {}", ctx()),
         }
     }
-    eprintln!("{n} packets: {rewritten} rewritten, {untouched} untouched");
+    println!(
+        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
     assert!(
         rewritten > n / 10,
         "too few packets exercised the rewrite paths ({rewritten})"

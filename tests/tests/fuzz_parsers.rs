@@ -113,6 +113,10 @@ fn framers_never_panic_and_never_overclaim() {
             let _ = memcache::values(&buf[..n]);
         }
     }
+    println!(
+        "reliability: framers_never_panic_and_never_overclaim: {} mutated inputs each for RESP commands, RESP replies, memcache commands, memcache replies: 0 panics, 0 over-claimed lengths",
+        count()
+    );
 }
 
 #[test]

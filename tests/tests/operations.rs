@@ -671,3 +671,76 @@ fn the_kernel_programs_log_messages_reach_the_daemon_log_at_debug() {
         "{line}"
     );
 }
+
+#[test]
+fn the_admin_socket_refuses_other_users() {
+    ambassador_tests::require_root();
+    let backend = ambassador_tests::local::HttpBackend::start("web");
+    let port = ambassador_tests::local::free_port();
+    let d = ambassador_tests::local::LocalDaemon::start(&format!(
+        "services:\n  - name: web\n    listen: 127.0.0.1:{port}/tcp\n    split: {{ backends: [ {{ name: web, address: '{}' }} ] }}\n",
+        backend.addr
+    ));
+    let sock = d.dir.path("state/admin.sock");
+    let curl = |prefix: &[&str]| {
+        std::process::Command::new(prefix[0])
+            .args(&prefix[1..])
+            .args([
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+            ])
+            .arg(&sock)
+            .arg("http://ambassador/live")
+            .output()
+            .unwrap()
+    };
+    // The state dir is traversable by others here, so only the socket's own mode protects it.
+    std::fs::set_permissions(
+        d.dir.path("state"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &d.dir.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let root = curl(&["env"]);
+    assert_eq!(String::from_utf8_lossy(&root.stdout), "200");
+    let nobody = curl(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&nobody.stdout),
+        "000",
+        "another user reached the admin API"
+    );
+    assert!(!nobody.status.success());
+    // And the refusal is the kernel's: permission denied on connect.
+    let probe = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--unix-socket",
+        ])
+        .arg(&sock)
+        .arg("http://ambassador/live")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        err.contains("Permission denied") || err.contains("Couldn't connect"),
+        "{err}"
+    );
+}

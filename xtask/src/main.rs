@@ -10,6 +10,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod report;
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "ambassador's build, test, demo and benchmark tasks")]
 struct Cli {
@@ -27,6 +30,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Setup, then the data-plane suites inside KVM guests on Debian's kernel (6.1 LTS).
+    VmTest {
+        /// Only these suites (default: packet, fuzz_packets, netns).
+        suites: Vec<String>,
+    },
+    /// Setup, then run the reliability tests and write docs/RELIABILITY.md from their figures.
+    Report,
     /// Setup, build, and run the 90/10 sticky split in a throw-away netns topology.
     Demo,
     /// Benchmarks that print ratios against peers measured in the same run.
@@ -43,6 +53,14 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             test(&args)
+        }
+        Cmd::VmTest { suites } => {
+            setup()?;
+            vm::report(&vm::vm_test(&root(), &suites)?)
+        }
+        Cmd::Report => {
+            setup()?;
+            report::report(&root())
         }
         Cmd::Demo => {
             setup()?;
@@ -99,7 +117,8 @@ fn output(cmd: &str, args: &[&str]) -> String {
 /// for `bench forward`; stunnel4, hitch and haproxy as the peers of `bench tls` / `bench l4`;
 /// nutcracker and redis-server for the Redis placement golden tests; curl and chromium (headless)
 /// for the admin API and dashboard tests; git for gitsync (fetching, `git daemon`, the tests'
-/// repositories); dnsmasq-base as the DNS server of the discovery tests.
+/// repositories); dnsmasq-base as the DNS server of the discovery tests; MariaDB behind the
+/// broker; qemu, Debian's kernel (6.1 LTS), busybox and cpio for `vm-test`.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -124,6 +143,10 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "mariadb-server",
     "mariadb-client",
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    "cpio",
 ];
 
 fn setup() -> Result<()> {
@@ -214,7 +237,7 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     step("building the ambassador binary the integration tests drive");
-    run(Command::new("cargo").args(["build", "--release", "-p", "ambassador"]))?;
+    run(Command::new("cargo").args(["build", "--release", "--workspace"]))?;
     step("cargo test (unit, packet fixtures, network namespaces)");
     let mut child = Command::new("cargo")
         .args(["test", "--release", "--workspace"])
@@ -240,6 +263,12 @@ fn test(extra: &[String]) -> Result<()> {
     println!("tests: {passed} passed, {failed} failed");
     if !st.success() {
         bail!("cargo test failed ({st})");
+    }
+    if Path::new("/dev/kvm").exists() {
+        step("vm-test: the data-plane suites on other kernels, under KVM");
+        vm::report(&vm::vm_test(&root(), &[])?)?;
+    } else {
+        step("vm-test not run: /dev/kvm is missing (`cargo xtask vm-test` says what it needs)");
     }
     Ok(())
 }
