@@ -50,16 +50,17 @@ fn run_tests(root: &Path) -> Result<HashMap<String, Outcome>> {
     bins.sort();
     bins.dedup();
     let mut c = Command::new("cargo");
-    c.args(["test", "--release", "--workspace"]);
+    // Every binary runs even when one fails: the table shows each result.
+    c.args(["test", "--release", "--workspace", "--no-fail-fast"]);
     for b in &bins {
         c.args(["--test", b]);
     }
     c.arg("--");
     for r in ROWS {
-        c.args([r.2, "--exact"]);
+        c.arg(r.2);
     }
     // `--exact` applies to every filter; one thread keeps each test's output together.
-    c.args(["--nocapture", "--test-threads=1"]);
+    c.args(["--exact", "--nocapture", "--test-threads=1"]);
     let mut child = c
         .current_dir(root)
         .stdout(Stdio::piped())
