@@ -79,11 +79,12 @@ fn run_tests(root: &Path) -> Result<HashMap<String, Outcome>> {
                     "FAILED" => out.entry(name.to_string()).or_default().ok = Some(false),
                     _ => {}
                 }
-                continue;
             }
         }
         let t = line.trim();
-        if let Some(cur) = &current {
+        if line.starts_with("test ") && line.contains(" ... ") {
+            // Handled above; the rest of the line may be the test's own output.
+        } else if let Some(cur) = &current {
             if t == "ok" || t.ends_with(" ok") && !t.contains(':') {
                 out.entry(cur.clone()).or_default().ok = Some(true);
             } else if t == "FAILED" || t.ends_with(" FAILED") && !t.contains(':') {
