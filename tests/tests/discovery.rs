@@ -372,11 +372,14 @@ fn kubernetes_endpoint_slices_are_watched_joined_and_terminating_endpoints_drain
     );
     let st = d.status();
     assert_eq!(st["discovery"][0]["draining"][0], a.to_string(), "{st}");
-    let metrics = d.metrics();
-    assert!(
-        metrics.contains(r#"ambassador_discovery_draining_endpoints{service="db",name="mysql"} 1"#)
-            && metrics.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 0"#),
-        "{metrics}"
+    wait_for(
+        Duration::from_secs(5),
+        "metrics to show the draining endpoint",
+        || {
+            let m = d.metrics();
+            m.contains(r#"ambassador_discovery_draining_endpoints{service="db",name="mysql"} 1"#)
+                && m.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 0"#)
+        },
     );
     let text = std::process::Command::new(ambassador_tests::ambassador_bin())
         .args(["status", "--state-dir"])
@@ -424,11 +427,15 @@ fn kubernetes_endpoint_slices_are_watched_joined_and_terminating_endpoints_drain
     let st = d.status();
     let err = st["discovery"][0]["last_error"].as_str().unwrap();
     assert!(err.contains("db/mysql"), "{st}");
-    let metrics = d.metrics();
-    assert!(
-        metrics.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 1"#)
-            && metrics.contains(r#"ambassador_discovery_endpoints{service="db",name="mysql"} 1"#),
-        "{metrics}"
+    // /metrics serves a report up to a second old: wait for it to catch up.
+    wait_for(
+        Duration::from_secs(5),
+        "metrics to show the stale set",
+        || {
+            let m = d.metrics();
+            m.contains(r#"ambassador_discovery_stale{service="db",name="mysql"} 1"#)
+                && m.contains(r#"ambassador_discovery_endpoints{service="db",name="mysql"} 1"#)
+        },
     );
     assert_eq!(backends(&d), vec![format!("{c} w1")]);
     assert!(names_of(&d, listen, 5).iter().all(|n| n == "c"));

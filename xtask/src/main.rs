@@ -240,7 +240,8 @@ fn test(extra: &[String]) -> Result<()> {
     run(Command::new("cargo").args(["build", "--release", "--workspace"]))?;
     step("cargo test (unit, packet fixtures, network namespaces)");
     let mut child = Command::new("cargo")
-        .args(["test", "--release", "--workspace"])
+        // Every test binary runs even after a failure, so one run shows every failure.
+        .args(["test", "--release", "--workspace", "--no-fail-fast"])
         .args(extra)
         // Tests that create namespaces and time traffic are bounded; two cores: two at a time.
         .env("RUST_TEST_THREADS", "2")
