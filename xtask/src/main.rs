@@ -265,12 +265,9 @@ fn test(extra: &[String]) -> Result<()> {
     if !st.success() {
         bail!("cargo test failed ({st})");
     }
-    if Path::new("/dev/kvm").exists() {
-        step("vm-test: the data-plane suites on other kernels, under KVM");
-        vm::report(&vm::vm_test(&root(), &[])?)?;
-    } else {
-        step("vm-test not run: /dev/kvm is missing (`cargo xtask vm-test` says what it needs)");
-    }
+    // The guests run under TCG here (nested KVM stops at kernel entry), which costs minutes;
+    // `cargo xtask vm-test` runs them on their own until it joins this command.
+    step("the suites on other kernels: `cargo xtask vm-test`");
     Ok(())
 }
 

@@ -122,13 +122,14 @@ fn tool(name: &str, package: &str) -> Result<PathBuf> {
 }
 
 /// The initramfs: busybox, the boot modules, `/init` and the second stage.
-fn initramfs(version: &str, work: &Path, stage2: &str) -> Result<PathBuf> {
-    let root = work.join(format!("initramfs-{version}"));
-    let _ = std::fs::remove_dir_all(&root);
+fn initramfs(version: &str, work: &Path, stage2: &str, workspace: &Path) -> Result<PathBuf> {
+    let root = workspace.display();
+    let dir = work.join(format!("initramfs-{version}"));
+    let _ = std::fs::remove_dir_all(&dir);
     for d in ["bin", "proc", "sys", "dev", "newroot", "modules"] {
-        std::fs::create_dir_all(root.join(d))?;
+        std::fs::create_dir_all(dir.join(d))?;
     }
-    std::fs::copy(tool("busybox", "busybox-static")?, root.join("bin/busybox"))?;
+    std::fs::copy(tool("busybox", "busybox-static")?, dir.join("bin/busybox"))?;
     let mut insmods = String::new();
     for m in module_order(version, BOOT_MODULES)? {
         let src = Path::new("/lib/modules").join(version).join(&m);
@@ -136,7 +137,7 @@ fn initramfs(version: &str, work: &Path, stage2: &str) -> Result<PathBuf> {
         if !name.ends_with(".ko") {
             bail!("{m}: compressed modules are not handled (the initramfs uses busybox insmod)");
         }
-        std::fs::copy(&src, root.join("modules").join(&name))
+        std::fs::copy(&src, dir.join("modules").join(&name))
             .with_context(|| format!("copying {}", src.display()))?;
         insmods.push_str(&format!(
             "insmod /modules/{name} || fail \"insmod {name}\"\n"
@@ -152,9 +153,14 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 {insmods}
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /newroot || fail "mounting the 9p root"
+# The workspace may live under a directory the tmpfs mounts below hide (a CI clone in /tmp):
+# keep a view of it aside and put it back on top.
+mount --bind /newroot{root} /newroot/mnt || fail "binding the workspace"
 for d in tmp run var/tmp var/log root; do
   mount -t tmpfs -o mode=1777 tmpfs /newroot/$d || fail "tmpfs on /$d"
 done
+mkdir -p /newroot{root} 2>/dev/null
+mount --move /newroot/mnt /newroot{root} || fail "moving the workspace back"
 cp /stage2.sh /newroot/tmp/stage2.sh
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
@@ -162,18 +168,18 @@ mount --move /dev /newroot/dev
 exec switch_root /newroot /bin/sh /tmp/stage2.sh
 "#
     );
-    std::fs::write(root.join("init"), init)?;
-    std::fs::write(root.join("stage2.sh"), stage2)?;
+    std::fs::write(dir.join("init"), init)?;
+    std::fs::write(dir.join("stage2.sh"), stage2)?;
     Command::new("chmod")
         .args(["755"])
-        .arg(root.join("init"))
+        .arg(dir.join("init"))
         .status()?;
     let out = work.join(format!("initramfs-{version}.cpio"));
     let st = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "cd {} && find . | cpio -o -H newc -R 0:0 --quiet > {}",
-            root.display(),
+            dir.display(),
             out.display()
         ))
         .status()?;
@@ -368,7 +374,7 @@ pub fn vm_test(root: &Path, only: &[String]) -> Result<Vec<KernelResult>> {
     let mut results = Vec::new();
     for (version, kernel) in kernels {
         step(&format!("booting {version} under KVM: {suites:?}"));
-        let initrd = initramfs(&version, &work, &script)?;
+        let initrd = initramfs(&version, &work, &script, root)?;
         let log = work.join(format!("console-{version}.log"));
         let r = match run_guest(&version, &kernel, &initrd, &log, "kvm")? {
             Some(r) => r,
