@@ -155,7 +155,7 @@ pub async fn resolve(
     listen_port: u16,
 ) -> Result<Vec<BackendConfig>, String> {
     let name = fqdn(&b.name);
-    let mut out: Vec<BackendConfig> = match b.source {
+    let out: Vec<BackendConfig> = match b.source {
         Source::Static | Source::Kubernetes => {
             return Err(format!(
                 "a {:?} broker is not resolved by polling",
@@ -239,9 +239,6 @@ pub async fn resolve(
     if out.is_empty() {
         return Err(format!("{name}: empty answer"));
     }
-    // A stable order: the tables do not care, but status and change detection do.
-    out.sort_by_key(|b| b.address);
-    out.dedup_by(|a, b| a.address == b.address);
     Ok(out)
 }
 
@@ -381,6 +378,8 @@ impl Manager {
                     info!(%service, name = %st.name, draining = ?found.draining, "draining endpoints changed");
                     st.draining = found.draining;
                 }
+                // A stable order, for every source: the tables do not care, but status and
+                // change detection do.
                 let mut set = found.backends;
                 set.sort_by_key(|b| b.address);
                 set.dedup_by(|a, b| a.address == b.address);
