@@ -551,7 +551,6 @@ fn forward(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> u32 {
     }
 }
 
-#[inline(always)]
 /// A byte-swapped u16 as a length the verifier can bound. Kernels before 6.3 or so do not
 /// track the range of a `be16` result, and refuse adding it to a packet pointer ("math between
 /// pkt pointer and register with unbounded min value"); an explicit check on a value the

@@ -231,6 +231,53 @@ http {{
         }
     }
 
+    /// SIGKILL a backend's nginx, master and workers at once (a crash, not a shutdown: open
+    /// connections are reset), and wait until none of its processes is left.
+    pub fn kill_nginx(&self, backend: &str) {
+        let pidfile = self.dir.join(format!("nginx-{backend}")).join("nginx.pid");
+        let master: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .unwrap();
+        let workers: Vec<i32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                // Field 4 of /proc/PID/stat (after the parenthesised name) is the parent.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit_once(')')?
+                            .1
+                            .split_whitespace()
+                            .nth(1)?
+                            .parse()
+                            .ok()
+                    })
+                    == Some(master)
+            })
+            .collect();
+        let pids: Vec<String> = std::iter::once(master)
+            .chain(workers.iter().copied())
+            .map(|p| p.to_string())
+            .collect();
+        let _ = sh(&format!("kill -KILL {} 2>/dev/null; true", pids.join(" ")));
+        wait_for(
+            Duration::from_secs(5),
+            &format!("nginx {backend} to die"),
+            || {
+                std::iter::once(master)
+                    .chain(workers.iter().copied())
+                    .all(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                            .map(|st| st.contains(") Z "))
+                            .unwrap_or(true)
+                    })
+            },
+        );
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }

@@ -132,6 +132,11 @@ fn kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow() {
         "the restart did not adopt the pinned flows:\n{log}"
     );
     assert!(new_ok.load(Ordering::Relaxed) > 100);
+    println!(
+        "reliability: kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow: XDP path, daemon SIGKILLed and restarted with a flipped split under traffic: {} new connections and {streamed} requests on 20 keep-alive connections, 0 failed; every keep-alive kept its backend ({} of 20 on web, which the new table mostly avoids)",
+        new_ok.load(Ordering::Relaxed),
+        kept.iter().filter(|b| b.starts_with("web")).count()
+    );
     // A graceful stop detaches and removes the pins.
     t.stop_daemon();
     assert_eq!(
@@ -742,5 +747,175 @@ fn the_admin_socket_refuses_other_users() {
     assert!(
         err.contains("Permission denied") || err.contains("Couldn't connect"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_backend_killed_under_load_moves_only_its_clients_and_the_rest_see_no_error() {
+    let mut t = Topology::new(60);
+    t.start_nginx(1);
+    let cfg = split_config(1, 1).replacen(
+        "    listen: 10.200.0.100:80/tcp\n",
+        "    listen: 10.200.0.100:80/tcp\n    health: { check: http, path: /healthz, interval: 200ms, timeout: 150ms, fall: 2, rise: 2 }\n",
+        1,
+    );
+    t.write_config(&cfg);
+    t.start_daemon();
+    let before: std::collections::HashMap<IpAddr, String> = t
+        .request_all(&t.clients4, vip4())
+        .into_iter()
+        .map(|(c, r)| {
+            (
+                c,
+                r.expect("request").split(' ').next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let on = |name: &str| -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = before
+            .iter()
+            .filter(|(_, b)| *b == name)
+            .map(|(c, _)| *c)
+            .collect();
+        v.sort();
+        v
+    };
+    let (on_web, on_exp) = (on("web"), on("experiment"));
+    assert!(
+        on_web.len() >= 15 && on_exp.len() >= 15,
+        "{} on web, {} on experiment",
+        on_web.len(),
+        on_exp.len()
+    );
+
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    // (client, ms since start, Ok(backend) | Err(reason)) for every new connection.
+    let (log, streamed, exp_streams_broke, killed_at, unhealthy_at) = std::thread::scope(|s| {
+        // Keep-alive connections from 10 clients of each backend, streaming the whole time.
+        let streamer = s.spawn(|| {
+            let _in = t.client.enter();
+            let mut conns: Vec<(IpAddr, Option<KeepAlive>)> = on_web[..10]
+                .iter()
+                .chain(&on_exp[..10])
+                .map(|&c| {
+                    (
+                        c,
+                        Some(KeepAlive::open(c, vip4()).expect("open keep-alive")),
+                    )
+                })
+                .collect();
+            let (mut n, mut broke) = (0u64, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                for (c, k) in conns.iter_mut() {
+                    let Some(conn) = k else { continue };
+                    match conn.get() {
+                        Ok(b) => {
+                            assert!(b.starts_with(&before[c]), "keep-alive from {c} moved: {b}");
+                            n += 1;
+                        }
+                        Err(e) => {
+                            assert_eq!(
+                                before[c], "experiment",
+                                "keep-alive from {c} on web broke: {e}"
+                            );
+                            broke += 1;
+                            *k = None;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (n, broke)
+        });
+        // New connections from every client in turn, 4 at a time.
+        let churners: Vec<_> = (0..4)
+            .map(|w| {
+                let (t, stop) = (&t, &stop);
+                s.spawn(move || {
+                    let _in = t.client.enter();
+                    let mut out = Vec::new();
+                    let clients: Vec<IpAddr> =
+                        t.clients4.iter().copied().skip(w).step_by(4).collect();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let c = clients[i % clients.len()];
+                        let r = http_get(c, vip4())
+                            .map(|b| b.split(' ').next().unwrap_or("").to_string())
+                            .map_err(|e| e.to_string());
+                        out.push((c, start.elapsed().as_millis() as u64, r));
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    out
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let killed_at = start.elapsed().as_millis() as u64;
+        t.kill_nginx("experiment");
+        let health = || backend(&t.status(), "frontend", "experiment")["health"].clone();
+        ambassador_tests::topology::wait_for(
+            Duration::from_secs(5),
+            "experiment unhealthy",
+            || health() == "unhealthy",
+        );
+        let unhealthy_at = start.elapsed().as_millis() as u64;
+        std::thread::sleep(Duration::from_millis(3000));
+        stop.store(true, Ordering::Relaxed);
+        let (n, broke) = streamer.join().unwrap();
+        let log: Vec<_> = churners
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        (log, n, broke, killed_at, unhealthy_at)
+    });
+
+    // Clients of the surviving backend: every request answered, by the same backend.
+    let web_log: Vec<_> = log.iter().filter(|(c, _, _)| before[c] == "web").collect();
+    for (c, at, r) in &web_log {
+        assert_eq!(r.as_deref(), Ok("web"), "{c} (on web) at {at} ms: {r:?}");
+    }
+    // Clients of the killed backend: failures only between the kill and a moment after the
+    // health check took it out (the table then moves them); after that, all answered by web.
+    let exp_log: Vec<_> = log
+        .iter()
+        .filter(|(c, _, _)| before[c] == "experiment")
+        .collect();
+    let failed: Vec<_> = exp_log.iter().filter(|(_, _, r)| r.is_err()).collect();
+    for (c, at, r) in &exp_log {
+        if *at < killed_at {
+            assert_eq!(r.as_deref(), Ok("experiment"), "{c} before the kill: {r:?}");
+        } else if *at > unhealthy_at + 500 {
+            assert_eq!(
+                r.as_deref(),
+                Ok("web"),
+                "{c} at {at} ms, after the move: {r:?}"
+            );
+        }
+    }
+    assert!(
+        failed
+            .iter()
+            .all(|(_, at, _)| *at + 50 >= killed_at && *at <= unhealthy_at + 500),
+        "failures outside the window {killed_at}..{} ms: {failed:?}",
+        unhealthy_at + 500
+    );
+    assert_eq!(
+        exp_streams_broke, 10,
+        "the killed backend's keep-alives did not all break"
+    );
+    assert!(
+        web_log.len() > 200 && streamed > 200,
+        "too little load: {} new, {streamed} streamed",
+        web_log.len()
+    );
+    println!(
+        "reliability: a_backend_killed_under_load_moves_only_its_clients_and_the_rest_see_no_error: XDP path, {} clients, experiment's nginx SIGKILLed under load: the other backend's clients made {} new connections and {streamed} keep-alive requests with 0 errors; the killed backend's clients failed {} of {} requests, the last {} ms after the kill (health check: 2 × 200 ms), then moved to web",
+        t.clients4.len(),
+        web_log.len(),
+        failed.len(),
+        exp_log.len(),
+        failed.iter().map(|(_, at, _)| *at).max().unwrap_or(killed_at).saturating_sub(killed_at)
     );
 }

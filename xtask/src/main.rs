@@ -24,7 +24,8 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need (idempotent).
     Setup,
-    /// Setup, then fmt check, clippy, and every test (unit, packet, network-namespace).
+    /// Setup, then fmt, clippy, every test (unit, packet, network-namespace), the dependency audit,
+    /// 60 s per fuzz target, and the VM suites when /dev/kvm exists.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -37,6 +38,16 @@ enum Cmd {
     },
     /// Setup, then run the reliability tests and write docs/RELIABILITY.md from their figures.
     Report,
+    /// Setup, then run the cargo-fuzz (libFuzzer) targets, each for a bounded time.
+    Fuzz {
+        /// Only these targets (default: every target in fuzz/Cargo.toml).
+        targets: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Setup, then the dependency audit: licenses, bans and sources (`deny.toml`).
+    Deny,
     /// Setup, build, and run the 90/10 sticky split in a throw-away netns topology.
     Demo,
     /// Benchmarks that print ratios against peers measured in the same run.
@@ -61,6 +72,14 @@ fn main() -> Result<()> {
         Cmd::Report => {
             setup()?;
             report::report(&root())
+        }
+        Cmd::Fuzz { targets, seconds } => {
+            setup()?;
+            fuzz(&targets, seconds)
+        }
+        Cmd::Deny => {
+            setup()?;
+            deny()
         }
         Cmd::Demo => {
             setup()?;
@@ -213,6 +232,19 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
 
+    // Fuzzing and the dependency audit, pinned so a fresh machine gets what CI was tested with.
+    for (bin, krate, version) in [
+        ("cargo-fuzz", "cargo-fuzz", "0.13.2"),
+        ("cargo-deny", "cargo-deny", "0.20.2"),
+    ] {
+        if ok(bin, &["--version"]) {
+            step(&format!("{krate}: present"));
+        } else {
+            step(&format!("installing {krate} {version} from crates.io"));
+            run(Command::new("cargo").args(["install", "--locked", krate, "--version", version]))?;
+        }
+    }
+
     if output("stat", &["-f", "-c", "%T", "/sys/fs/bpf"]).trim() == "bpf_fs" {
         step("bpffs: mounted");
     } else {
@@ -265,9 +297,157 @@ fn test(extra: &[String]) -> Result<()> {
     if !st.success() {
         bail!("cargo test failed ({st})");
     }
-    // The guests run under TCG here (nested KVM stops at kernel entry), which costs minutes;
-    // `cargo xtask vm-test` runs them on their own until it joins this command.
-    step("the suites on other kernels: `cargo xtask vm-test`");
+    deny()?;
+    fuzz(&[], FUZZ_SECONDS)?;
+    if Path::new("/dev/kvm").exists() {
+        step("the data-plane suites inside VMs on other kernels (`cargo xtask vm-test`)");
+        vm::report(&vm::vm_test(&root(), &[])?)?;
+    } else {
+        step("no /dev/kvm: the VM suites (`cargo xtask vm-test`) need KVM and are not part of this run");
+    }
+    Ok(())
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+pub const FUZZ_SECONDS: u64 = 60;
+
+/// The dependency audit. Licenses, bans (duplicates, wildcards) and sources run offline; the
+/// RustSec advisory database is fetched from GitHub, which these machines cannot reach, so
+/// advisories run only where `AMB_DENY_ADVISORIES=1` says the network allows it.
+pub fn deny() -> Result<()> {
+    let mut checks = vec!["licenses", "bans", "sources"];
+    if std::env::var("AMB_DENY_ADVISORIES").as_deref() == Ok("1") {
+        checks.push("advisories");
+    }
+    step(&format!("cargo deny check {}", checks.join(" ")));
+    run(Command::new("cargo")
+        .args(["deny", "--workspace", "--all-features", "check"])
+        .args(&checks))
+}
+
+/// The cargo-fuzz targets (names of the `[[bin]]`s in fuzz/Cargo.toml).
+fn fuzz_targets() -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string(root().join("fuzz/Cargo.toml"))?;
+    Ok(manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .filter_map(|l| l.strip_suffix('"'))
+        .filter(|n| *n != "ambassador-fuzz")
+        .map(str::to_owned)
+        .collect())
+}
+
+/// What one fuzz target did: whether it ran its time without a crash, how many inputs it
+/// executed, and the size of its corpus at the end (libFuzzer's final stats).
+pub struct FuzzRun {
+    pub target: String,
+    pub ok: bool,
+    pub execs: u64,
+    pub corpus: u64,
+}
+
+/// Each target runs `seconds` from its kept corpus (`fuzz/corpus/<target>`, read only) plus a
+/// working corpus under fuzz/target that grows between runs. Safe Rust needs no address
+/// sanitizer; debug assertions stay on so an overflow is a crash.
+pub fn fuzz_runs(only: &[String], seconds: u64) -> Result<Vec<FuzzRun>> {
+    let all = fuzz_targets()?;
+    for t in only {
+        if !all.contains(t) {
+            bail!("no fuzz target {t}: the targets are {}", all.join(", "));
+        }
+    }
+    let targets = if only.is_empty() { &all } else { only };
+    let fuzz_cmd = |sub: &str| {
+        let mut c = Command::new("cargo");
+        c.args([
+            "+nightly",
+            "fuzz",
+            sub,
+            "--sanitizer",
+            "none",
+            "--debug-assertions",
+        ]);
+        c
+    };
+    step(&format!(
+        "building the fuzz targets: {}",
+        targets.join(", ")
+    ));
+    run(&mut fuzz_cmd("build"))?;
+    let mut runs = Vec::new();
+    for t in targets {
+        step(&format!("fuzzing {t} for {seconds} s"));
+        let work = root().join("fuzz/target/corpus").join(t);
+        std::fs::create_dir_all(&work)?;
+        let mut child = fuzz_cmd("run")
+            .arg(t)
+            .arg(&work)
+            .arg(format!("fuzz/corpus/{t}"))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ])
+            .current_dir(root())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting cargo fuzz run {t}"))?;
+        let (mut execs, mut corpus) = (0, 0);
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+            let line = line?;
+            eprintln!("{line}");
+            if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+                execs = n.trim().parse().unwrap_or(0);
+            }
+            // "#N DONE cov: .. ft: .. corp: 123/45Kb ..": the corpus at the end.
+            if line.contains(" DONE ") {
+                if let Some(c) = line.split("corp: ").nth(1) {
+                    corpus = c
+                        .split('/')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        let ok = child.wait()?.success();
+        if !ok {
+            eprintln!("fuzz target {t} found a crash: the input is in fuzz/artifacts/{t}/");
+        }
+        runs.push(FuzzRun {
+            target: t.clone(),
+            ok,
+            execs,
+            corpus,
+        });
+    }
+    Ok(runs)
+}
+
+fn fuzz(only: &[String], seconds: u64) -> Result<()> {
+    let runs = fuzz_runs(only, seconds)?;
+    for r in &runs {
+        println!(
+            "fuzz {}: {} ({} inputs in {seconds} s, corpus {})",
+            r.target,
+            if r.ok { "no crash" } else { "CRASH" },
+            r.execs,
+            r.corpus
+        );
+    }
+    let bad: Vec<&str> = runs
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.target.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "fuzz targets crashed: {} (inputs in fuzz/artifacts/)",
+            bad.join(", ")
+        );
+    }
     Ok(())
 }
 

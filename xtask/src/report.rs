@@ -24,6 +24,8 @@ const ROWS: &[(&str, &str, &str, &str)] = &[
     ("Load", "load", "ten_thousand_connections_held_through_the_userspace_data_plane_and_the_tls_sidecar", "10,000 concurrent connections through the userspace data plane, then the TLS sidecar, held 60 s with an exchange every 10 s: 0 errors"),
     ("Faults", "userspace", "a_half_written_or_vanished_config_is_rejected_and_the_running_one_keeps_serving", "a half-written or vanished config is rejected; the running one keeps serving"),
     ("Faults", "netns", "broken_config_sent_by_sighup_is_rejected_and_traffic_keeps_flowing", "XDP path: a broken config on SIGHUP is rejected, traffic keeps flowing"),
+    ("Faults", "operations", "kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow", "XDP path: the daemon is SIGKILLed under traffic and restarted with a flipped split: 0 failed requests, every open flow keeps its backend"),
+    ("Faults", "operations", "a_backend_killed_under_load_moves_only_its_clients_and_the_rest_see_no_error", "XDP path: a backend SIGKILLed under load: the other backend's clients see 0 errors; only the dead backend's clients fail, briefly, then move"),
     ("Faults", "operations", "set_weight_moves_new_flows_survives_a_restart_and_bad_requests_change_nothing", "XDP path: the daemon is killed with SIGKILL and restarted; overrides and the split survive"),
     ("Faults", "operations", "keep_on_exit_leaves_xdp_serving_and_detach_refuses_while_a_daemon_runs", "XDP keeps serving after the daemon exits (keep-on-exit)"),
     ("Faults", "operations", "an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back", "a dead backend leaves the table: only its clients move"),
@@ -112,6 +114,8 @@ fn cell(s: &str) -> String {
 pub fn report(root: &Path) -> Result<()> {
     crate::run(Command::new("cargo").args(["build", "--release", "--workspace"]))?;
     let tests = run_tests(root)?;
+    let fuzz = crate::fuzz_runs(&[], crate::FUZZ_SECONDS);
+    let deny = crate::deny();
     let vm = if Path::new("/dev/kvm").exists() {
         Some(crate::vm::vm_test(root, &[]))
     } else {
@@ -167,6 +171,41 @@ pub fn report(root: &Path) -> Result<()> {
             cell(&figures)
         ));
     }
+    match fuzz {
+        Ok(runs) => {
+            for r in runs {
+                if !r.ok {
+                    failed.push(format!("fuzz {}", r.target));
+                }
+                md.push_str(&format!(
+                    "| Parser fuzzing (libFuzzer) | `fuzz/fuzz_targets/{}.rs` | {} | `cargo fuzz` for {} s from the kept corpus: no panic, no failed property | {} inputs, corpus {} |\n",
+                    r.target,
+                    if r.ok { "pass" } else { "**FAIL**" },
+                    crate::FUZZ_SECONDS,
+                    r.execs,
+                    r.corpus
+                ));
+            }
+        }
+        Err(e) => {
+            failed.push(format!("fuzz: {e:#}"));
+            md.push_str(&format!(
+                "| Parser fuzzing (libFuzzer) | cargo fuzz | **FAIL** | — | {} |\n",
+                cell(&format!("{e:#}"))
+            ));
+        }
+    }
+    md.push_str(&format!(
+        "| Security | `cargo deny check licenses bans sources` | {} | every dependency has an allowed license, comes from crates.io, no wildcard versions | {} |\n",
+        if deny.is_ok() { "pass" } else { "**FAIL**" },
+        match &deny {
+            Ok(()) => "0 errors".to_string(),
+            Err(e) => {
+                failed.push("cargo deny".into());
+                cell(&format!("{e:#}"))
+            }
+        }
+    ));
     match vm {
         Some(Ok(kernels)) => {
             for k in &kernels {

@@ -10,6 +10,8 @@ use super::resp::Error;
 pub const MAX_LINE: usize = 8 * 1024;
 /// Largest value accepted (memcached's default item size limit).
 pub const MAX_VALUE: usize = 1024 * 1024;
+/// Largest value accepted in a reply: memcached's item size can be raised (`-I`) to 1 GiB.
+pub const MAX_REPLY_VALUE: usize = 1024 * 1024 * 1024;
 const MAX_KEY: usize = 250;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +152,17 @@ pub fn reply_len(buf: &[u8]) -> Result<usize, Error> {
             .and_then(|w| std::str::from_utf8(w).ok())
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("bad VALUE line"))?;
-        if buf.len() < next + bytes + 2 {
+        if bytes > MAX_REPLY_VALUE {
+            return Err(bad("VALUE larger than 1 GiB"));
+        }
+        let end = next + bytes + 2;
+        if buf.len() < end {
             return Err(Error::Incomplete);
         }
-        pos = next + bytes + 2;
+        if &buf[end - 2..end] != b"\r\n" {
+            return Err(bad("VALUE data not followed by CRLF"));
+        }
+        pos = end;
     }
 }
 
@@ -173,7 +182,10 @@ pub fn values(reply: &[u8]) -> Option<Vec<(&[u8], Range<usize>)>> {
         let mut ws = line.split(|&b| b == b' ');
         let key = ws.nth(1)?;
         let bytes: usize = std::str::from_utf8(ws.nth(1)?).ok()?.parse().ok()?;
-        let end = pos + e + 2 + bytes + 2;
+        let end = (pos + e + 2).checked_add(bytes)?.checked_add(2)?;
+        if end > reply.len() {
+            return None;
+        }
         out.push((key, pos..end));
         pos = end;
     }
@@ -182,6 +194,19 @@ pub fn values(reply: &[u8]) -> Option<Vec<(&[u8], Range<usize>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_claiming_a_huge_or_unterminated_value_is_an_error_not_a_crash() {
+        // Found by fuzz/fuzz_targets/memcache.rs: the length overflowed and the next slice
+        // panicked.
+        let huge = b"VALUE k 0 18446744073709551615\r\nabc\r\nEND\r\n";
+        assert!(matches!(reply_len(huge), Err(Error::Protocol(_))));
+        let unterminated = b"VALUE k 0 3\r\nabcXYEND\r\n";
+        assert!(matches!(reply_len(unterminated), Err(Error::Protocol(_))));
+        let ok = b"VALUE k 0 3\r\nabc\r\nEND\r\n";
+        assert_eq!(reply_len(ok).unwrap(), ok.len());
+        assert_eq!(values(ok).unwrap().len(), 1);
+    }
 
     #[test]
     fn commands_frame_with_their_data() {

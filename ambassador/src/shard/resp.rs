@@ -93,7 +93,12 @@ pub fn check(c: &mut Cursor<&[u8]>) -> Result<(), Error> {
             if n < 0 || n as usize > MAX_BULK {
                 return protocol(format!("invalid bulk length {n}"));
             }
-            skip(c, n as usize + 2)
+            skip(c, n as usize + 2)?;
+            let end = c.position() as usize;
+            if &c.get_ref()[end - 2..end] != b"\r\n" {
+                return protocol("bulk string not followed by CRLF");
+            }
+            Ok(())
         }
         b'*' => {
             let n = number(c)?;
@@ -209,6 +214,17 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_and_parse_agree_on_a_bulk_string_without_its_crlf() {
+        // Found by fuzz/fuzz_targets/resp.rs: check vouched for a frame parse then refused.
+        let b = b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\r\nvalue\r\n";
+        assert!(matches!(
+            check(&mut Cursor::new(&b[..])),
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(frame(b), Err(Error::Protocol(_))));
+    }
 
     fn bulk(s: &str) -> Frame {
         Frame::Bulk(s.as_bytes().to_vec())
