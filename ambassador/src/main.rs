@@ -36,10 +36,14 @@ enum Cmd {
     /// Print the ambassador config equivalent to a twemproxy (nutcracker) config.
     Import { file: PathBuf },
     /// Predict each backend's share of clients, and with --against how many clients a new
-    /// config would move.
+    /// config would move; with --pcap, what XDP does with each captured packet.
     Simulate {
         #[arg(long)]
         config: PathBuf,
+        /// A capture (pcap, Ethernet, e.g. `tcpdump -i eth0 -w FILE`): print, per packet, the
+        /// backend XDP sends it to as a new flow, or why it passes.
+        #[arg(long, conflicts_with = "against")]
+        pcap: Option<PathBuf>,
         #[arg(long, default_value_t = 100_000)]
         clients: u32,
         #[arg(long)]
@@ -540,10 +544,27 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Simulate {
             config,
+            pcap: Some(pcap),
+            json,
+            ..
+        } => {
+            let cfg = Config::load(&config).map_err(|e| anyhow!("{e}"))?;
+            let frames = simulate::read_pcap(&pcap)?;
+            let out = simulate::packets(&cfg, &frames);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print!("{}", simulate::render_packets(&out));
+            }
+            Ok(())
+        }
+        Cmd::Simulate {
+            config,
             clients,
             against,
             seed,
             json,
+            pcap: None,
         } => {
             let cfg = Config::load(&config).map_err(|e| anyhow!("{e}"))?;
             let other = match against {

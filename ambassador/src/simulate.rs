@@ -1,5 +1,7 @@
 //! `ambassador simulate`: what share of clients each backend would get, and with `--against`
-//! how many clients a config change would move. Uses the kernel's own selection code.
+//! how many clients a config change would move; with `--pcap`, what the XDP program does with
+//! each captured packet. Uses the kernel's own selection code and [`packet`]'s reading of a
+//! frame, which the packet fuzzer checks against the kernel's.
 
 use std::{
     fmt::Write as _,
@@ -8,9 +10,11 @@ use std::{
 
 use serde::Serialize;
 
+use anyhow::{bail, Context as _};
+
 use crate::{
     config::Config,
-    dataplane::{Plan, ServicePlan},
+    dataplane::{packet, Plan, ServicePlan},
 };
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -138,6 +142,99 @@ pub fn render(sim: &Simulation) -> String {
             let _ = writeln!(o, "{:<16} {:.2}% of clients change backend", "", 100.0 * m);
         }
     }
+    o
+}
+
+/// What XDP does with one captured packet.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct PacketVerdict {
+    /// 1-based, as tcpdump and Wireshark number packets.
+    pub packet: usize,
+    pub service: Option<String>,
+    pub backend: Option<String>,
+    pub address: Option<SocketAddr>,
+    /// What happens, in words.
+    pub verdict: String,
+}
+
+/// The Ethernet frames of a pcap capture.
+pub fn read_pcap(path: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("opening the capture {}", path.display()))?;
+    let mut r = pcap_file::pcap::PcapReader::new(file).with_context(|| {
+        format!(
+            "{} is not a pcap capture (a pcapng file converts with `tcpdump -r IN -w OUT.pcap`)",
+            path.display()
+        )
+    })?;
+    let link = r.header().datalink;
+    if link != pcap_file::DataLink::ETHERNET {
+        bail!(
+            "{} captured {link:?} frames; XDP sees Ethernet: capture on the interface itself \
+             (`tcpdump -i eth0 -w FILE`), not `-i any`",
+            path.display()
+        );
+    }
+    let mut frames = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.with_context(|| {
+            format!("reading packet {} of {}", frames.len() + 1, path.display())
+        })?;
+        frames.push(p.data.into_owned());
+    }
+    Ok(frames)
+}
+
+/// Each frame's fate as the first packet of a flow.
+pub fn packets(cfg: &Config, frames: &[Vec<u8>]) -> Vec<PacketVerdict> {
+    let plan = Plan::build(cfg);
+    frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let v = packet::verdict(&plan, f);
+            let (service, backend, address) = match &v {
+                packet::Verdict::Backend { service, backend } => (
+                    Some(service.name.clone()),
+                    Some(backend.id()),
+                    Some(backend.address),
+                ),
+                packet::Verdict::ToStack { service } | packet::Verdict::NoBackend { service } => {
+                    (Some(service.name.clone()), None, None)
+                }
+                packet::Verdict::Pass(_) => (None, None, None),
+            };
+            let flow = match packet::parse(f) {
+                packet::Parsed::Flow { ip, sport, dport } => format!(
+                    "{} → {} ",
+                    SocketAddr::new(ip.src, sport),
+                    SocketAddr::new(ip.dst, dport)
+                ),
+                _ => String::new(),
+            };
+            PacketVerdict {
+                packet: i + 1,
+                service,
+                backend,
+                address,
+                verdict: format!("{flow}{}", v.describe()),
+            }
+        })
+        .collect()
+}
+
+pub fn render_packets(v: &[PacketVerdict]) -> String {
+    let mut o = String::new();
+    for p in v {
+        let _ = writeln!(o, "{:>6}  {}", p.packet, p.verdict);
+    }
+    let to_backend = v.iter().filter(|p| p.backend.is_some()).count();
+    let _ = writeln!(
+        o,
+        "{} packets: {to_backend} to a backend as new flows, {} passed",
+        v.len(),
+        v.len() - to_backend
+    );
     o
 }
 

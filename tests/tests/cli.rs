@@ -207,3 +207,112 @@ fn completions_and_man_page_are_generated_from_the_cli() {
         "{man}"
     );
 }
+
+/// A classic pcap file (microsecond timestamps) of `frames`, written from the format itself so
+/// the reader is checked against the spec, not against its own writer.
+fn pcap(name: &str, linktype: u32, frames: &[Vec<u8>]) -> PathBuf {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&4u16.to_le_bytes());
+    b.extend_from_slice(&0i32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&65535u32.to_le_bytes());
+    b.extend_from_slice(&linktype.to_le_bytes());
+    for (i, f) in frames.iter().enumerate() {
+        b.extend_from_slice(&(1_700_000_000u32 + i as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        b.extend_from_slice(f);
+    }
+    let dir = std::env::temp_dir().join(format!("amb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+#[test]
+fn simulate_reads_a_capture_and_says_where_each_packet_goes() {
+    use ambassador::{config::Config, dataplane::Plan};
+    use ambassador_tests::packets::Spec;
+
+    let plan = Plan::build(&Config::load(&example()).unwrap());
+    let clients: Vec<String> = (0..200)
+        .map(|i| format!("10.9.{}.{}:{}", i / 250, 1 + i % 250, 40000 + i))
+        .collect();
+    let mut frames: Vec<Vec<u8>> = clients
+        .iter()
+        .map(|c| Spec::tcp(c, "10.200.0.100:80").build())
+        .collect();
+    frames.push(Spec::tcp("10.9.9.9:5000", "10.200.0.100:81").build());
+    let full = Spec::tcp("10.9.9.9:5000", "10.200.0.100:80").build();
+    frames.push(full[..30].to_vec());
+    let p = pcap("capture.pcap", 1, &frames);
+    let (code, out, err) = amb(&[
+        "simulate",
+        "--config",
+        example().to_str().unwrap(),
+        "--pcap",
+        p.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.len(), 202, "{out}");
+    let mut web = 0;
+    for (i, c) in clients.iter().enumerate() {
+        let want = plan.services[0].pick(c.parse().unwrap()).unwrap();
+        assert_eq!(v[i]["packet"], i + 1);
+        assert_eq!(v[i]["service"], "frontend", "{}", v[i]);
+        assert_eq!(v[i]["address"], want.address.to_string(), "{}", v[i]);
+        web += (v[i]["backend"] == "web") as u32;
+    }
+    assert!(
+        (160..=195).contains(&web),
+        "{web}/200 on web with a 9:1 split"
+    );
+    assert_eq!(v[200]["service"], serde_json::Value::Null);
+    assert!(
+        v[200]["verdict"]
+            .as_str()
+            .unwrap()
+            .contains("not a service: passed"),
+        "{}",
+        v[200]
+    );
+    assert!(
+        v[201]["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed ("),
+        "{}",
+        v[201]
+    );
+
+    let (code, out, _) = amb(&[
+        "simulate",
+        "--config",
+        example().to_str().unwrap(),
+        "--pcap",
+        p.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("202 packets: 200 to a backend as new flows, 2 passed"),
+        "{out}"
+    );
+
+    // `tcpdump -i any` writes Linux cooked frames, which XDP never sees.
+    let sll = pcap("any.pcap", 113, &frames[..1]);
+    let (code, _, err) = amb(&[
+        "simulate",
+        "--config",
+        example().to_str().unwrap(),
+        "--pcap",
+        sll.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not `-i any`"), "{err}");
+}

@@ -3,7 +3,10 @@
 //! fragments, empty payloads) and plain random bytes. The program must never abort; a packet
 //! it rewrites must be well formed, carry valid checksums when the input did, and go to a
 //! configured backend (or, for a reply, come from a service address); anything it leaves
-//! untouched must be byte-identical. `AMB_FUZZ_PACKETS` sets the count (default 1,000,000).
+//! untouched must be byte-identical. The userspace reading of a frame (`dataplane::packet`,
+//! what `simulate --pcap` uses) must agree with the kernel on every input: what it calls
+//! malformed, a fragment or not IP, the kernel leaves untouched; the backend it predicts for a
+//! new flow is where the kernel sends it. `AMB_FUZZ_PACKETS` sets the count (default 1,000,000).
 
 use std::{
     collections::HashSet,
@@ -13,7 +16,11 @@ use std::{
 
 use ambassador::{
     config::Config,
-    dataplane::{kernel::KernelDataplane, Plan},
+    dataplane::{
+        kernel::KernelDataplane,
+        packet::{self, Verdict},
+        Plan,
+    },
 };
 use ambassador_tests::{fixture::forwarding_netns, packets::Spec};
 use aya::programs::{TestRun, TestRunOptions};
@@ -283,7 +290,7 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
     let backend_ips: HashSet<IpAddr> = backends.iter().map(|b| b.ip()).collect();
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut rewritten, mut untouched) = (0u64, 0u64);
+    let (mut rewritten, mut untouched, mut predicted) = (0u64, 0u64, 0u64);
     let mut out = vec![0u8; 2048];
     for i in 0..n {
         let input = match rng.gen_range(0..20) {
@@ -317,6 +324,41 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
             )
         };
         assert_ne!(r.return_value, 0, "XDP_ABORTED: {}", ctx());
+        // The userspace reading of the same frame.
+        match packet::verdict(&plan, &input) {
+            Verdict::Pass(
+                p @ (packet::Parsed::Malformed { .. }
+                | packet::Parsed::NotIp
+                | packet::Parsed::Fragment),
+            ) => {
+                assert_eq!(
+                    output,
+                    &input[..],
+                    "userspace reads {p:?} (passed untouched) but the kernel rewrote: {}",
+                    ctx()
+                );
+            }
+            Verdict::Backend { backend, .. } => {
+                let after = parse(output);
+                assert_eq!(
+                    after.map(|a| SocketAddr::new(a.dst, a.dport)),
+                    Some(backend.address),
+                    "userspace predicts backend {} but the kernel did otherwise: {}",
+                    backend.address,
+                    ctx()
+                );
+                predicted += 1;
+            }
+            Verdict::ToStack { .. } | Verdict::NoBackend { .. } => {
+                assert_eq!(
+                    output,
+                    &input[..],
+                    "passed by userspace, rewritten by the kernel: {}",
+                    ctx()
+                )
+            }
+            Verdict::Pass(_) => {}
+        }
         assert!(
             matches!(r.return_value, 2..=4),
             "unexpected action: {}",
@@ -343,6 +385,17 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
                 let to_backend = backends.contains(&SocketAddr::new(after.dst, after.dport));
                 let from_service = services.contains(&SocketAddr::new(after.src, after.sport));
                 assert!(to_backend || from_service, "misrouted: {}", ctx());
+                // A packet the kernel sent from a client to a backend: userspace saw the flow.
+                if let Some(b) = &before {
+                    if services.contains(&SocketAddr::new(b.dst, b.dport)) {
+                        assert!(
+                            matches!(packet::verdict(&plan, &input), Verdict::Backend { .. }),
+                            "the kernel rewrote a new flow userspace reads as {:?}: {}",
+                            packet::parse(&input),
+                            ctx()
+                        );
+                    }
+                }
             }
             1 | 58 => {
                 // A translated ICMP error goes to a backend or stays addressed to the client.
@@ -357,7 +410,7 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
         }
     }
     println!(
-        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted",
+        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted; the userspace parser agreed on every packet ({predicted} backends predicted exactly)",
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     );
     assert!(

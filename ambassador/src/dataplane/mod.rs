@@ -5,6 +5,7 @@
 //! same [`Plan`], so their choices are the kernel's.
 
 pub mod kernel;
+pub mod packet;
 pub mod userspace;
 
 use crate::{
