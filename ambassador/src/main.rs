@@ -238,6 +238,7 @@ impl ConfigGitArgs {
             depth: 1,
             keep: 3,
             pre_publish: None,
+            reuse_unchanged: None,
             post_publish: None,
             hook_timeout: std::time::Duration::from_secs(60),
             hook_retries: 0,
@@ -316,6 +317,10 @@ struct SyncArgs {
     /// Command run in the new tree before publishing; failure keeps the old tree.
     #[arg(long)]
     pre_publish: Option<String>,
+    /// Hard-link files a push did not change from the published tree (default: true without
+    /// --pre-publish; a hook editing files in place would otherwise edit the live tree).
+    #[arg(long, value_name = "BOOL")]
+    reuse_unchanged: Option<bool>,
     /// Command run in the published tree after each publish.
     #[arg(long, conflicts_with_all = ["post_publish_signal", "post_publish_http"])]
     post_publish: Option<String>,
@@ -383,6 +388,7 @@ impl SyncArgs {
             depth: self.depth,
             keep: self.keep,
             pre_publish: self.pre_publish,
+            reuse_unchanged: self.reuse_unchanged,
             post_publish,
             hook_timeout: self.hook_timeout,
             hook_retries: self.hook_retries,

@@ -705,3 +705,96 @@ fn a_full_disk_fails_the_sync_and_keeps_the_published_tree() {
     repo.push();
     sc.wait_published(&c3);
 }
+
+#[test]
+fn unchanged_files_are_hard_linked_from_the_published_tree_unless_a_hook_could_edit_them() {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let files = |changed: &str| {
+        let mut f = versioned_files(50, 1);
+        f.push(("bin/run.sh".into(), "#!/bin/sh\necho run\n".into()));
+        f.push(("changed.txt".into(), changed.into()));
+        f
+    };
+    let repo = Repo::new();
+    repo.commit_tree(&files("one\n"), "one");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        repo.work.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    git(&repo.work, &["commit", "--quiet", "-a", "--amend", "--no-edit"]);
+    let c1 = git(&repo.work, &["rev-parse", "HEAD"]);
+    repo.push();
+    let dir = TempDir::new("gitsync-reuse");
+    let root = dir.path("app");
+    let sc = Sidecar::start(&repo.bare, &root, &["--period", "200ms"]);
+    sc.wait_published(&c1);
+
+    // A push that changes one file: the rest are the published tree's own inodes.
+    std::fs::write(repo.work.join("changed.txt"), "two\n").unwrap();
+    git(&repo.work, &["commit", "--quiet", "-am", "two"]);
+    let c2 = git(&repo.work, &["rev-parse", "HEAD"]);
+    repo.push();
+    sc.wait_published(&c2);
+    let (t1, t2) = (root.join(&c1), root.join(&c2));
+    for f in ["d3/f13.txt", "VERSION", "bin/run.sh"] {
+        assert_eq!(ino(&t1.join(f)), ino(&t2.join(f)), "{f} was not linked");
+    }
+    assert_ne!(ino(&t1.join("changed.txt")), ino(&t2.join("changed.txt")));
+    assert_eq!(
+        std::fs::read_to_string(t2.join("changed.txt")).unwrap(),
+        "two\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t1.join("changed.txt")).unwrap(),
+        "one\n"
+    );
+    assert_ne!(
+        std::fs::metadata(t2.join("bin/run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o111,
+        0,
+        "the exec bit is kept"
+    );
+    assert!(
+        sc.log().contains("linked=52"),
+        "the log says how many were linked:\n{}",
+        sc.log()
+    );
+
+    // A published file edited in place (a different size) is not trusted: written anew.
+    std::fs::write(t2.join("VERSION"), "tampered with\n").unwrap();
+    std::fs::write(repo.work.join("changed.txt"), "three\n").unwrap();
+    git(&repo.work, &["commit", "--quiet", "-am", "three"]);
+    let c3 = git(&repo.work, &["rev-parse", "HEAD"]);
+    repo.push();
+    sc.wait_published(&c3);
+    let t3 = root.join(&c3);
+    assert_eq!(std::fs::read_to_string(t3.join("VERSION")).unwrap(), "1\n");
+    assert_ne!(ino(&t2.join("VERSION")), ino(&t3.join("VERSION")));
+    assert_eq!(ino(&t2.join("d3/f13.txt")), ino(&t3.join("d3/f13.txt")));
+    drop(sc);
+
+    // With a pre-publish hook, which may edit the new tree, every file is written.
+    let root = dir.path("hooked");
+    let sc = Sidecar::start(
+        &repo.bare,
+        &root,
+        &["--period", "200ms", "--pre-publish", "true"],
+    );
+    sc.wait_published(&c3);
+    std::fs::write(repo.work.join("changed.txt"), "four\n").unwrap();
+    git(&repo.work, &["commit", "--quiet", "-am", "four"]);
+    let c4 = git(&repo.work, &["rev-parse", "HEAD"]);
+    repo.push();
+    sc.wait_published(&c4);
+    assert_ne!(
+        ino(&root.join(&c3).join("d3/f13.txt")),
+        ino(&root.join(&c4).join("d3/f13.txt")),
+        "linked although a pre-publish hook could edit the tree"
+    );
+}

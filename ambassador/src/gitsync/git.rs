@@ -131,19 +131,77 @@ fn quote(p: &Path) -> String {
 
 /// Write `commit`'s tree into `dest` (created; must not exist or be empty) with gix: plain
 /// files with their exec bits and symlinks; a submodule (gitlink) is an empty directory.
-pub fn checkout(repo_dir: &Path, commit: &str, dest: &Path) -> Result<()> {
+///
+/// With `reuse` (the published commit and its tree), a file whose blob and mode are the same in
+/// both commits is hard-linked from that tree instead of written, when the file there still has
+/// the blob's size (a tree edited in place is not trusted). Returns how many were linked.
+pub fn checkout(
+    repo_dir: &Path,
+    commit: &str,
+    dest: &Path,
+    reuse: Option<(&str, &Path)>,
+) -> Result<usize> {
     let repo = gix::open(repo_dir).with_context(|| format!("opening {}", repo_dir.display()))?;
-    let id = gix::ObjectId::from_hex(commit.as_bytes())
-        .with_context(|| format!("`{commit}` is not a commit id"))?;
-    let commit = repo
-        .find_object(id)
-        .with_context(|| format!("finding {commit}"))?
-        .peel_to_commit()?;
-    let mut index = repo.index_from_tree(&commit.tree_id()?)?;
+    let tree_of = |c: &str| -> Result<gix::ObjectId> {
+        let id = gix::ObjectId::from_hex(c.as_bytes())
+            .with_context(|| format!("`{c}` is not a commit id"))?;
+        Ok(repo
+            .find_object(id)
+            .with_context(|| format!("finding {c}"))?
+            .peel_to_commit()?
+            .tree_id()?
+            .detach())
+    };
+    let mut index = repo.index_from_tree(&tree_of(commit)?)?;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut linked = 0;
+    if let Some((prev, prev_dir)) = reuse {
+        // A previous commit the mirror no longer has (a shallow fetch after a force push)
+        // just means nothing is reused.
+        if let Ok(prev_index) = tree_of(prev).and_then(|t| Ok(repo.index_from_tree(&t)?)) {
+            let before: std::collections::HashMap<
+                &gix::bstr::BStr,
+                (gix::ObjectId, gix::index::entry::Mode),
+            > = prev_index
+                .entries()
+                .iter()
+                .map(|e| (e.path(&prev_index), (e.id, e.mode)))
+                .collect();
+            let mut done = std::collections::HashSet::new();
+            for e in index.entries() {
+                let path = e.path(&index);
+                let plain = e.mode == gix::index::entry::Mode::FILE
+                    || e.mode == gix::index::entry::Mode::FILE_EXECUTABLE;
+                if !plain || before.get(path) != Some(&(e.id, e.mode)) {
+                    continue;
+                }
+                let Ok(rel) = gix::path::from_bstr(path) else {
+                    continue;
+                };
+                let (src, dst) = (prev_dir.join(&rel), dest.join(&rel));
+                let same_size = std::fs::symlink_metadata(&src).is_ok_and(|m| {
+                    m.file_type().is_file()
+                        && repo.find_header(e.id).is_ok_and(|h| h.size() == m.len())
+                });
+                if !same_size {
+                    continue;
+                }
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                // Another filesystem or a link limit: the file is written instead.
+                if std::fs::hard_link(&src, &dst).is_ok() {
+                    done.insert(path.to_owned());
+                }
+            }
+            linked = done.len();
+            index.remove_entries(|_, path, _| done.contains(path));
+        }
+    }
     let mut opts =
         repo.checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)?;
     opts.destination_is_initially_empty = true;
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
     let outcome = gix::worktree::state::checkout(
         &mut index,
         dest,
@@ -168,7 +226,7 @@ pub fn checkout(repo_dir: &Path, commit: &str, dest: &Path) -> Result<()> {
             c.path
         );
     }
-    Ok(())
+    Ok(linked)
 }
 
 #[cfg(test)]

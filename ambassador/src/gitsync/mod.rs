@@ -57,6 +57,13 @@ pub struct Spec {
     /// Shell command run in the new tree before it is published; failure keeps the old tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_publish: Option<String>,
+    /// Hard-link files a commit did not change from the published tree instead of writing
+    /// them again (as `rsync --link-dest`): a push that changes a few files publishes in the
+    /// time of those few. Linked files share their inode with older trees, so a hook that
+    /// edits a file in place would edit the live tree too: the default is on only without a
+    /// pre-publish hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse_unchanged: Option<bool>,
     /// What to tell the application once a tree is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_publish: Option<PostPublish>,
@@ -468,18 +475,36 @@ impl Syncer {
         let tree = spec.root.join(&commit);
         let existed = tree.is_dir();
         let t1 = Instant::now();
+        let mut linked = 0;
         if !existed {
             // Checked out beside its final name and renamed: a tree named by a hash is
             // always complete.
             let tmp = spec.root.join(STATE_DIR).join(format!("tmp-{commit}"));
             let _ = std::fs::remove_dir_all(&tmp);
             let (m, c, t) = (mirror.clone(), commit.clone(), tmp.clone());
-            let done = tokio::task::spawn_blocking(move || git::checkout(&m, &c, &t))
-                .await
-                .map_err(|e| anyhow!("checkout task: {e}"))?;
-            if let Err(e) = done {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e.context(format!("checking out {commit}")));
+            let reuse = spec
+                .reuse_unchanged
+                .unwrap_or(spec.pre_publish.is_none())
+                .then(|| st.published.clone())
+                .flatten()
+                .map(|p| (spec.root.join(&p), p))
+                .filter(|(dir, _)| dir.is_dir());
+            let done = tokio::task::spawn_blocking(move || {
+                git::checkout(
+                    &m,
+                    &c,
+                    &t,
+                    reuse.as_ref().map(|(d, p)| (p.as_str(), d.as_path())),
+                )
+            })
+            .await
+            .map_err(|e| anyhow!("checkout task: {e}"))?;
+            match done {
+                Ok(n) => linked = n,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(e.context(format!("checking out {commit}")));
+                }
             }
             std::fs::rename(&tmp, &tree)
                 .with_context(|| format!("moving the new tree to {}", tree.display()))?;
@@ -507,6 +532,7 @@ impl Syncer {
             commit = %commit,
             fetch_ms = fetched.as_millis() as u64,
             checkout_ms = checked_out.as_millis() as u64,
+            linked = linked,
             pre_publish_ms = validated.as_millis() as u64,
             "link flipped"
         );
