@@ -724,7 +724,10 @@ fn unchanged_files_are_hard_linked_from_the_published_tree_unless_a_hook_could_e
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    git(&repo.work, &["commit", "--quiet", "-a", "--amend", "--no-edit"]);
+    git(
+        &repo.work,
+        &["commit", "--quiet", "-a", "--amend", "--no-edit"],
+    );
     let c1 = git(&repo.work, &["rev-parse", "HEAD"]);
     repo.push();
     let dir = TempDir::new("gitsync-reuse");

@@ -402,7 +402,7 @@ pub fn fuzz_runs(only: &[String], seconds: u64) -> Result<Vec<FuzzRun>> {
                 execs = n.trim().parse().unwrap_or(0);
             }
             // "#N DONE cov: .. ft: .. corp: 123/45Kb ..": the corpus at the end.
-            if line.contains(" DONE ") {
+            if line.contains("\tDONE ") || line.contains(" DONE ") {
                 if let Some(c) = line.split("corp: ").nth(1) {
                     corpus = c
                         .split('/')

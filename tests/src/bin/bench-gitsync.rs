@@ -227,6 +227,10 @@ fn main() {
     let polled = run_gitsync(&repo, &mut version, false, FILES, &disk);
     let hooked = run_gitsync(&repo, &mut version, true, FILES, &disk);
     let hooked_mem = run_gitsync(&repo, &mut version, true, FILES, shm);
+    // The typical push: from a tree whose other 990 files are already what they will stay.
+    version += 1;
+    repo.commit_tree(&files_at(version, 10), "baseline");
+    repo.push();
     let few = run_gitsync(&repo, &mut version, true, 10, &disk);
     let book = run_book_loop(&repo, &mut version);
     println!(
