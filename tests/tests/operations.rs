@@ -466,9 +466,9 @@ fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
     assert_eq!(backend(&t.status(), "frontend", "web")["drained"], true);
 }
 
-#[test]
-fn an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back() {
-    let mut t = Topology::new(100);
+/// A 1:1 split with HTTP health checks (2 × 200 ms to fall), and each client's backend.
+fn health_checked(n: usize) -> (Topology, std::collections::HashMap<IpAddr, String>) {
+    let mut t = Topology::new(n);
     t.start_nginx(1);
     let cfg = split_config(1, 1).replacen(
         "    listen: 10.200.0.100:80/tcp\n",
@@ -487,6 +487,12 @@ fn an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back(
             )
         })
         .collect();
+    (t, before)
+}
+
+#[test]
+fn an_unhealthy_backend_leaves_the_table_moving_only_its_clients_and_comes_back() {
+    let (t, before) = health_checked(100);
     let on_exp: Vec<IpAddr> = before
         .iter()
         .filter(|(_, b)| *b == "experiment")
@@ -752,25 +758,7 @@ fn the_admin_socket_refuses_other_users() {
 
 #[test]
 fn a_backend_killed_under_load_moves_only_its_clients_and_the_rest_see_no_error() {
-    let mut t = Topology::new(60);
-    t.start_nginx(1);
-    let cfg = split_config(1, 1).replacen(
-        "    listen: 10.200.0.100:80/tcp\n",
-        "    listen: 10.200.0.100:80/tcp\n    health: { check: http, path: /healthz, interval: 200ms, timeout: 150ms, fall: 2, rise: 2 }\n",
-        1,
-    );
-    t.write_config(&cfg);
-    t.start_daemon();
-    let before: std::collections::HashMap<IpAddr, String> = t
-        .request_all(&t.clients4, vip4())
-        .into_iter()
-        .map(|(c, r)| {
-            (
-                c,
-                r.expect("request").split(' ').next().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let (t, before) = health_checked(60);
     let on = |name: &str| -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = before
             .iter()
