@@ -192,7 +192,8 @@ pub fn packets(cfg: &Config, frames: &[Vec<u8>]) -> Vec<PacketVerdict> {
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let v = packet::verdict(&plan, f);
+            let parsed = packet::parse(f);
+            let v = packet::decide(&plan, parsed);
             let (service, backend, address) = match &v {
                 packet::Verdict::Backend { service, backend } => (
                     Some(service.name.clone()),
@@ -204,7 +205,7 @@ pub fn packets(cfg: &Config, frames: &[Vec<u8>]) -> Vec<PacketVerdict> {
                 }
                 packet::Verdict::Pass(_) => (None, None, None),
             };
-            let flow = match packet::parse(f) {
+            let flow = match parsed {
                 packet::Parsed::Flow { ip, sport, dport } => format!(
                     "{} → {} ",
                     SocketAddr::new(ip.src, sport),

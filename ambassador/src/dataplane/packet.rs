@@ -211,7 +211,11 @@ impl Verdict<'_> {
 
 /// What the XDP program programmed with `plan` does with `frame` when it opens a new flow.
 pub fn verdict<'a>(plan: &'a Plan, frame: &[u8]) -> Verdict<'a> {
-    let p = parse(frame);
+    decide(plan, parse(frame))
+}
+
+/// What the program does with a frame already [`parse`]d.
+pub fn decide(plan: &Plan, p: Parsed) -> Verdict<'_> {
     let Parsed::Flow { ip, sport, dport } = p else {
         return Verdict::Pass(p);
     };
