@@ -2,10 +2,11 @@
 //! floors and let it time a program that rewrites packets with `BPF_PROG_TEST_RUN`'s `repeat`,
 //! which does not restore the packet between iterations.
 
+use ambassador_ebpf::{Flow, FlowKey, FAMILY_V4, PROTO_TCP};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 
@@ -23,6 +24,11 @@ static BENCH_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// The floor's one hash lookup, keyed like `SERVICES`.
 #[map]
 static BENCH_LOOKUP: HashMap<[u32; 5], u32> = HashMap::with_max_entries(1024, 0);
+
+/// Floor 3's connection table: `FLOWS`' key and value. One entry here; the benchmark loads it
+/// with `FLOWS`' size, so daemons do not carry a second table.
+#[map]
+static BENCH_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
 
 /// Floor 1: the cost of running an XDP program at all.
 #[xdp]
@@ -54,6 +60,50 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
     match unsafe { BENCH_LOOKUP.get(&key) } {
         Some(_) => xdp_action::XDP_TX,
         None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Floor 3: parse Ethernet/IPv4/TCP and insert the flow into an LRU table shaped like `FLOWS`
+/// (what any connection tracking pays for a new flow, before picking a backend or forwarding).
+#[xdp]
+pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 54 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: 54 bytes (Ethernet + IPv4 + TCP) are inside the packet, checked above.
+    let (ethertype, vihl, src, dst, sport, dport) = unsafe {
+        (
+            ((start + 12) as *const u16).read_unaligned(),
+            ((start + 14) as *const u8).read(),
+            ((start + 26) as *const u32).read_unaligned(),
+            ((start + 30) as *const u32).read_unaligned(),
+            ((start + 34) as *const u16).read_unaligned(),
+            ((start + 36) as *const u16).read_unaligned(),
+        )
+    };
+    if ethertype != 0x0800u16.to_be() || vihl != 0x45 {
+        return xdp_action::XDP_PASS;
+    }
+    // Zeroed word by word, then filled: LLVM would merge the zero fields of a struct literal
+    // into misaligned stack stores, which the verifier refuses.
+    let mut k = core::mem::MaybeUninit::<FlowKey>::uninit();
+    crate::xdp::zero_words(&mut k);
+    // SAFETY: all-zero is a valid FlowKey; plain field writes.
+    let key = unsafe { k.assume_init_mut() };
+    key.src[0] = src;
+    key.dst[0] = dst;
+    key.sport = sport;
+    key.dport = dport;
+    key.proto = PROTO_TCP;
+    key.family = FAMILY_V4;
+    let mut raw = core::mem::MaybeUninit::<Flow>::uninit();
+    crate::xdp::zero_words(&mut raw);
+    // SAFETY: all-zero is a valid Flow.
+    let flow = unsafe { raw.assume_init_ref() };
+    match BENCH_FLOWS.insert(key, flow, 0) {
+        Ok(()) => xdp_action::XDP_TX,
+        Err(_) => xdp_action::XDP_DROP,
     }
 }
 

@@ -252,6 +252,13 @@ fn l4_check_off(proto: u8) -> usize {
 
 #[inline(always)]
 fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
+    // Most traffic is not ours: one array read per address says so before anything else is
+    // read or built (a truncated header to no service passes untouched all the same).
+    let for_service = filter_has(&pkt.dst, FILTER_SERVICE);
+    if !for_service && !filter_has(&pkt.src, FILTER_BACKEND) {
+        count(Stat::PassNotOurs);
+        return Ok(Verdict::Pass);
+    }
     // Ports, and the checksum field we may rewrite, must be inside the packet.
     let min = if pkt.proto == PROTO_TCP { 20 } else { 8 };
     // Within the IP datagram, not just the frame: a header cut by the IP length is malformed.
@@ -271,7 +278,7 @@ fn l4_packet(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, ()> {
         _pad: 0,
     };
 
-    if filter_has(&pkt.dst, FILTER_SERVICE) {
+    if for_service {
         // Established flows first: one lookup, and they keep their backend whatever the
         // service's table now says.
         if let Some(f) = FLOWS.get_ptr_mut(&key) {
@@ -674,7 +681,7 @@ fn cached_route(cache: *mut Flow, ip_len: u16, now: &mut u32) -> Option<*mut Flo
 /// Zero a stack struct with 32-bit stores. BPF has no `memset`: LLVM turns a zeroed struct, or
 /// even adjacent zero fields, into a call to a byte loop; volatile stores are never merged.
 #[inline(always)]
-fn zero_words<T>(raw: &mut core::mem::MaybeUninit<T>) {
+pub(crate) fn zero_words<T>(raw: &mut core::mem::MaybeUninit<T>) {
     const { assert!(size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
     let w = raw.as_mut_ptr() as *mut u32;
     for i in 0..size_of::<T>() / 4 {

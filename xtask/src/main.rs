@@ -54,6 +54,9 @@ enum Cmd {
     Bench {
         #[arg(value_parser = ["xdp", "forward", "tls", "l4", "redis", "control", "gitsync", "connect"])]
         which: String,
+        /// Passed to the benchmark (e.g. `bench xdp -- --only new-flow` to profile one path).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
 }
 
@@ -85,9 +88,10 @@ fn main() -> Result<()> {
             setup()?;
             run_harness_bin("demo", &[])
         }
-        Cmd::Bench { which } => {
+        Cmd::Bench { which, args } => {
             setup()?;
-            run_harness_bin(&format!("bench-{which}"), &[])
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_harness_bin(&format!("bench-{which}"), &args)
         }
     }
 }

@@ -323,6 +323,11 @@ impl KernelDataplane {
         Self::load_with(&mut EbpfLoader::new())
     }
 
+    /// Load with the caller's loader settings (the benchmark sizes its own maps this way).
+    pub fn load_with_loader(loader: &mut EbpfLoader) -> Result<KernelDataplane> {
+        Self::load_with(loader)
+    }
+
     /// Load with every map pinned under `dir`, adopting the connection table and counters a
     /// previous daemon left there (after checking their layout), so a restart keeps every
     /// tracked flow. `attach` then replaces the pinned program atomically.
