@@ -175,6 +175,15 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Wait for a log line: a publish is seen (the link flipped) before its line is logged.
+    pub fn wait_log(&self, needle: &str) {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("log line `{needle}`"),
+            || self.log().contains(needle),
+        );
+    }
+
     /// (status code, body) of a request to the sidecar.
     pub fn http(&self, method: &str, path: &str) -> (u16, String) {
         http(self.listen, method, path, &[])
