@@ -14,6 +14,12 @@ pub enum L4 {
     Udp,
 }
 
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
 /// A TCP or UDP packet in an Ethernet frame.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -23,6 +29,8 @@ pub struct Spec {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub l4: L4,
+    /// TCP flags ([`SYN`], [`ACK`] | [`PSH`] for data...); ignored for UDP.
+    pub tcp_flags: u8,
     pub ttl: u8,
     /// IPv4 options (a multiple of 4 bytes).
     pub ip_options: Vec<u8>,
@@ -38,6 +46,7 @@ impl Spec {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             l4: L4::Tcp,
+            tcp_flags: SYN,
             ttl: 64,
             ip_options: Vec::new(),
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
@@ -97,11 +106,26 @@ impl Spec {
         };
         let mut out = Vec::new();
         match self.l4 {
-            L4::Tcp => ip
-                .tcp(self.src.port(), self.dst.port(), 1000, 64_000)
-                .syn()
-                .write(&mut out, &self.payload)
-                .unwrap(),
+            L4::Tcp => {
+                let mut b = ip.tcp(self.src.port(), self.dst.port(), 1000, 64_000);
+                let f = self.tcp_flags;
+                if f & FIN != 0 {
+                    b = b.fin();
+                }
+                if f & SYN != 0 {
+                    b = b.syn();
+                }
+                if f & RST != 0 {
+                    b = b.rst();
+                }
+                if f & PSH != 0 {
+                    b = b.psh();
+                }
+                if f & ACK != 0 {
+                    b = b.ack(5000);
+                }
+                b.write(&mut out, &self.payload).unwrap()
+            }
             L4::Udp => ip
                 .udp(self.src.port(), self.dst.port())
                 .write(&mut out, &self.payload)

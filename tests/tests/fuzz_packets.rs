@@ -22,7 +22,10 @@ use ambassador::{
         Plan,
     },
 };
-use ambassador_tests::{fixture::forwarding_netns, packets::Spec};
+use ambassador_tests::{
+    fixture::forwarding_netns,
+    packets::{Spec, ACK, FIN, PSH, RST, SYN},
+};
 use aya::programs::{TestRun, TestRunOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -161,17 +164,29 @@ fn parse(p: &[u8]) -> Option<Parsed> {
 }
 
 fn templates(rng: &mut StdRng) -> Vec<u8> {
-    let client4 = format!(
-        "198.51.{}.{}:{}",
-        rng.gen_range(0..4),
-        rng.gen_range(1..255),
-        rng.gen_range(1024..65535)
-    );
-    let client6 = format!(
-        "[fd00:1::{:x}]:{}",
-        rng.gen_range(1..4096),
-        rng.gen_range(1024..65535)
-    );
+    // Half the packets come from a few clients, so their flows are tracked and later packets
+    // (and the backends' replies) take the established paths; the rest open new flows.
+    let (client4, client6) = if rng.gen_bool(0.5) {
+        let c = rng.gen_range(1..9);
+        (
+            format!("198.51.100.{c}:4000{}", c % 3),
+            format!("[fd00:1::{c:x}]:4000{}", c % 3),
+        )
+    } else {
+        (
+            format!(
+                "198.51.{}.{}:{}",
+                rng.gen_range(0..4),
+                rng.gen_range(1..255),
+                rng.gen_range(1024..65535)
+            ),
+            format!(
+                "[fd00:1::{:x}]:{}",
+                rng.gen_range(1..4096),
+                rng.gen_range(1024..65535)
+            ),
+        )
+    };
     let mut spec = match rng.gen_range(0..9) {
         0 => Spec::tcp(&client4, "10.200.0.100:80"),
         1 => Spec::udp(&client4, "10.200.0.100:53"),
@@ -185,6 +200,16 @@ fn templates(rng: &mut StdRng) -> Vec<u8> {
         7 => Spec::udp(&client4, "10.200.0.101:53"),
         _ => Spec::tcp(&client6, "[fd00::101]:80"),
     };
+    spec.tcp_flags = [
+        SYN,
+        SYN,
+        ACK | PSH,
+        ACK | PSH,
+        ACK,
+        FIN | ACK,
+        RST,
+        SYN | ACK,
+    ][rng.gen_range(0..8)];
     if rng.gen_bool(0.1) {
         spec.vlan = Some(rng.gen_range(1..4095));
     }
@@ -409,8 +434,17 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
             _ => panic!("rewrote a non-TCP/UDP/ICMP packet: {}", ctx()),
         }
     }
+    // Every path was exercised: new flows, packets of tracked flows (which the straight-line
+    // path takes when well formed), and the backends' replies.
+    let stats = dp.stats().unwrap();
+    let (new_flows, reverse) = (stats.global("new_flow"), stats.global("reverse_nat"));
+    let tracked = stats.global("forwarded") + stats.global("nat_then_stack") - new_flows - reverse;
+    assert!(
+        new_flows > n / 20 && tracked > n / 20 && reverse > n / 200,
+        "too few packets took one of the paths: {new_flows} new flows, {tracked} of tracked flows, {reverse} replies"
+    );
     println!(
-        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted; the userspace parser agreed on every packet ({predicted} backends predicted exactly)",
+        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted; paths taken: {new_flows} new flows, {tracked} packets of tracked flows (ICMP errors included), {reverse} replies; the userspace parser agreed on every packet ({predicted} backends predicted exactly)",
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     );
     assert!(

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::Path};
 use ambassador::{
     config::Config,
     dataplane::{
-        kernel::{Ids, KernelDataplane},
+        kernel::{Counters2, Ids, KernelDataplane},
         Plan,
     },
 };
@@ -19,7 +19,7 @@ use ambassador_tests::{
         forwarding_netns, EXPERIMENT_MAC, GATEWAY_MAC, LB_BACKEND_MAC, LB_CLIENT_MAC, WEB_MAC,
     },
     netns::Netns,
-    packets::{l3_offset, Spec},
+    packets::{l3_offset, Spec, ACK, FIN, PSH},
     require_root,
 };
 use aya::programs::{TestRun, TestRunOptions};
@@ -104,7 +104,7 @@ impl Fixture {
         self.dp.stats().unwrap().global(name)
     }
 
-    fn backend_new_flows(&self, service: &str, backend: &str) -> u64 {
+    fn backend_counters(&self, service: &str, backend: &str) -> Counters2 {
         let id = self
             .ids
             .backends
@@ -112,7 +112,15 @@ impl Fixture {
             .find(|(s, b, _)| s == service && b == backend)
             .map(|(_, _, id)| *id)
             .expect("backend id");
-        self.dp.stats().unwrap().backends[id as usize].new_flows
+        self.dp.stats().unwrap().backends[id as usize]
+    }
+
+    fn backend_new_flows(&self, service: &str, backend: &str) -> u64 {
+        self.backend_counters(service, backend).new_flows
+    }
+
+    fn backend_packets(&self, service: &str, backend: &str) -> u64 {
+        self.backend_counters(service, backend).packets
     }
 
     /// The backend the shared selection code picks for a client of a service.
@@ -273,10 +281,15 @@ fn udp_v4_and_v6_flows_are_dnatted_with_checksums() {
     ] {
         let input = Spec::udp(client, vip);
         let (_, backend) = f.pick(svc, client);
-        let (action, out) = f.run(&input.build());
-        assert_eq!(action, XDP_REDIRECT, "{svc}");
-        assert_eq!(out, expected_dnat(&input, backend), "{svc}");
+        // A new flow, then datagrams of the tracked flow, whose route is cached.
+        for i in 0..3 {
+            let (action, out) = f.run(&input.build());
+            assert_eq!(action, XDP_REDIRECT, "{svc} datagram {i}");
+            assert_eq!(out, expected_dnat(&input, backend), "{svc} datagram {i}");
+        }
     }
+    assert_eq!(f.stat("new_flow"), 2);
+    assert_eq!(f.stat("forwarded"), 6);
 }
 
 #[test]
@@ -287,11 +300,86 @@ fn udp_without_checksum_stays_without_checksum() {
     let mut pkt = input.build();
     let csum_off = 14 + 20 + 6;
     pkt[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
-    let (action, out) = f.run(&pkt);
-    assert_eq!(action, XDP_REDIRECT);
     let mut want = expected_dnat(&input, backend);
     want[csum_off..csum_off + 2].copy_from_slice(&[0, 0]);
-    assert_eq!(out, want);
+    // The first datagram and the following ones (tracked, route cached) alike.
+    for i in 0..3 {
+        let (action, out) = f.run(&pkt);
+        assert_eq!(action, XDP_REDIRECT, "datagram {i}");
+        assert_eq!(out, want, "datagram {i}");
+    }
+}
+
+#[test]
+fn data_packets_of_an_established_tcp_flow_are_rewritten_both_ways() {
+    let mut f = Fixture::new();
+    let client = "198.51.100.50:40050";
+    let syn = Spec::tcp(client, "10.200.0.100:80");
+    let (name, backend) = f.pick("web4", client);
+    f.run(&syn.build());
+    // The client's data, the backend's replies, then the client's FIN: rewritten alike,
+    // whichever path through the program each takes (a route cached or not, flags or not).
+    let data = Spec {
+        tcp_flags: ACK | PSH,
+        ..syn.clone()
+    };
+    let reply = Spec {
+        src_mac: backend_mac(backend),
+        dst_mac: LB_BACKEND_MAC,
+        tcp_flags: ACK | PSH,
+        payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        ..Spec::tcp(&backend.to_string(), client)
+    };
+    let reply_out = Spec {
+        src: "10.200.0.100:80".parse().unwrap(),
+        ttl: reply.ttl - 1,
+        src_mac: LB_CLIENT_MAC,
+        dst_mac: GATEWAY_MAC,
+        ..reply.clone()
+    }
+    .build();
+    for i in 0..3 {
+        let (action, out) = f.run(&data.build());
+        assert_eq!(action, XDP_REDIRECT, "data {i}");
+        assert_eq!(out, expected_dnat(&data, backend), "data {i}");
+        let (action, out) = f.run(&reply.build());
+        assert_eq!(action, XDP_REDIRECT, "reply {i}");
+        assert_eq!(out, reply_out, "reply {i}");
+    }
+    let fin = Spec {
+        tcp_flags: FIN | ACK,
+        ..data.clone()
+    };
+    let (action, out) = f.run(&fin.build());
+    assert_eq!(action, XDP_REDIRECT, "FIN");
+    assert_eq!(out, expected_dnat(&fin, backend), "FIN");
+    // A data packet whose TTL expires here is translated, and routed by the stack (which
+    // answers time-exceeded).
+    let dying = Spec {
+        ttl: 1,
+        ..data.clone()
+    };
+    let (action, out) = f.run(&dying.build());
+    assert_eq!(action, XDP_PASS, "TTL 1");
+    assert_eq!(
+        out,
+        Spec {
+            dst: backend,
+            ..dying
+        }
+        .build(),
+        "TTL 1"
+    );
+    assert_eq!(f.stat("new_flow"), 1);
+    assert_eq!(f.stat("reverse_nat"), 3);
+    assert_eq!(f.stat("forwarded"), 8);
+    assert_eq!(f.stat("nat_then_stack"), 1);
+    assert_eq!(f.backend_new_flows("web4", &name), 1);
+    assert_eq!(
+        f.backend_packets("web4", &name),
+        9,
+        "SYN, 3 data, 3 replies, FIN, TTL 1"
+    );
 }
 
 #[test]
