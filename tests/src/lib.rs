@@ -31,6 +31,29 @@ pub fn ambassador_bin() -> PathBuf {
 }
 
 /// Fail with a message naming the missing kernel feature or privilege, never skip.
+/// Remove what a test process that died (a timeout's kill, say) left pinned in bpffs:
+/// `/sys/fs/bpf/amb-test-PID-N` of a PID that no longer runs. Its pinned XDP links would keep
+/// their programs and maps (a 262,144-entry flow table each) loaded until the next reboot.
+pub fn sweep_stale_pins() {
+    let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("amb-test-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(

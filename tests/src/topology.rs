@@ -135,6 +135,7 @@ impl Topology {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("amb-topo-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        crate::sweep_stale_pins();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/amb-test-{}-{n}", std::process::id()));
         Topology {
             client,
