@@ -192,15 +192,7 @@ fn fast_v4(ctx: &XdpContext) -> Option<u32> {
     if (flow.direction == FLOW_FORWARD) != for_service {
         return None;
     }
-    // SAFETY: plain helper call.
-    let now = fib_clock(unsafe { bpf_ktime_get_coarse_ns() });
-    touch(f, now);
-    if flow.fib_ifindex == 0
-        || now.wrapping_sub(flow.fib_stamp) >= FIB_CACHE_TICKS
-        || tot_len > flow.fib_len as usize
-    {
-        return None;
-    }
+    cached_route(f, tot_len as u16, &mut 0)?;
     // Nothing was changed above; from here on the packet is rewritten and forwarded.
     let (addr_off, old_addr, port_off, old_port) = if for_service {
         (FAST_IP + 16, dst, FAST_L4 + 2, dport)
@@ -225,16 +217,12 @@ fn fast_v4(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: every offset below is within the headers checked above.
     unsafe {
         let old_check: u16 = fast_read(data, check_off);
-        // A zero UDP checksum over IPv4 means "none": leave it so.
-        if !(proto == PROTO_UDP && old_check == 0) {
-            let mut c = csum::finish(csum::replace16(
-                csum::replace32(csum::start(old_check), old_addr, new_addr),
-                old_port,
-                flow.nat_port,
-            ));
-            if proto == PROTO_UDP && c == 0 {
-                c = 0xffff;
-            }
+        let sum = csum::replace16(
+            csum::replace32(csum::start(old_check), old_addr, new_addr),
+            old_port,
+            flow.nat_port,
+        );
+        if let Some(c) = l4_check(proto, FAMILY_V4, old_check, sum) {
             fast_write(data, check_off, c);
         }
         fast_write(data, addr_off, new_addr);
@@ -248,13 +236,7 @@ fn fast_v4(ctx: &XdpContext) -> Option<u32> {
     if !for_service {
         count(Stat::ReverseNat);
     }
-    count(Stat::Forwarded);
-    if flow.fib_ifindex == ctx.ingress_ifindex() as u32 {
-        Some(xdp_action::XDP_TX)
-    } else {
-        // SAFETY: plain helper call; the cached ifindex came from the FIB.
-        Some(unsafe { bpf_redirect(flow.fib_ifindex, 0) } as u32)
-    }
+    Some(send(ctx, flow.fib_ifindex))
 }
 
 /// A bounds-checked pointer `off` bytes into the packet; the one place packet memory is reached.
@@ -719,15 +701,38 @@ fn rewrite(
         store(ctx, addr_off, *addr)?;
     }
     store(ctx, port_off, port)?;
-    // A zero UDP checksum over IPv4 means "none": leave it so.
-    if !(pkt.proto == PROTO_UDP && old_check == 0 && pkt.family == FAMILY_V4) {
-        let mut c = csum::finish(l4);
-        if pkt.proto == PROTO_UDP && c == 0 {
-            c = 0xffff;
-        }
+    if let Some(c) = l4_check(pkt.proto, pkt.family, old_check, l4) {
         store(ctx, check_off, c)?;
     }
     Ok(())
+}
+
+/// The new L4 checksum field from a running sum, or `None` to leave the field as it is: a zero
+/// UDP checksum over IPv4 means "none", and a computed zero is sent as 0xffff (RFC 768).
+#[inline(always)]
+fn l4_check(proto: u8, family: u8, old_check: u16, sum: u64) -> Option<u16> {
+    if proto == PROTO_UDP && old_check == 0 && family == FAMILY_V4 {
+        return None;
+    }
+    let c = csum::finish(sum);
+    Some(if proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    })
+}
+
+/// Count a forwarded packet and send it out of `ifindex`: back out of the port it came in on,
+/// or redirected to another.
+#[inline(always)]
+fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
+    count(Stat::Forwarded);
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: plain helper call; the ifindex came from the FIB (or its cached result).
+        unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
 }
 
 /// Send a rewritten packet on its way: the FIB picks the egress and next hop; whatever the FIB
@@ -837,13 +842,7 @@ fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
             csum::finish(csum::replace16(csum::start(check), old, new)),
         )?;
     }
-    count(Stat::Forwarded);
-    if ifindex == ctx.ingress_ifindex() as u32 {
-        Ok(xdp_action::XDP_TX)
-    } else {
-        // SAFETY: plain helper call; the FIB returned a valid ifindex.
-        Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
-    }
+    Ok(send(ctx, ifindex))
 }
 
 /// `cache` if it holds a fresh route checked for packets this long; sets `now` when it had to

@@ -30,7 +30,6 @@ pub fn ambassador_bin() -> PathBuf {
     bin
 }
 
-/// Fail with a message naming the missing kernel feature or privilege, never skip.
 /// Remove what a test process that died (a timeout's kill, say) left pinned in bpffs:
 /// `/sys/fs/bpf/amb-test-PID-N` of a PID that no longer runs. Its pinned XDP links would keep
 /// their programs and maps (a 262,144-entry flow table each) loaded until the next reboot.
@@ -54,6 +53,7 @@ pub fn sweep_stale_pins() {
     }
 }
 
+/// Fail with a message naming the missing kernel feature or privilege, never skip.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
