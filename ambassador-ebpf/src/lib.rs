@@ -171,7 +171,7 @@ pub struct Flow {
     /// The largest IP length the cached route was checked for (MTU); longer packets look up again.
     pub fib_len: u16,
     pub _pad2: u16,
-    /// When a packet of this direction was last seen, in [`seen_clock`] units (about a second).
+    /// When a packet of this direction was last seen, in [`seen_clock`] units (256 jiffies).
     pub last_seen: u32,
     /// The TCP FIN and RST bits seen ([`TCP_FIN`], [`TCP_RST`]): in this direction, and on a
     /// forward entry in either direction. A flow with either is closing, and a new SYN on its
@@ -184,26 +184,42 @@ pub const TCP_SYN: u32 = 0x02;
 pub const TCP_RST: u32 = 0x04;
 pub const TCP_ACK: u32 = 0x10;
 
-/// The clock of [`Flow::last_seen`]: [`fib_clock`] ticks to ~1.07 s ticks.
+/// The flow clocks count jiffies (`bpf_jiffies64`, which the verifier inlines into one load;
+/// `bpf_ktime_get_coarse_ns` is a helper call, about 15 ns a packet on these machines). Jiffies
+/// tick at the kernel's `HZ` (100–1000 a second): userspace reads it as the resolution of
+/// `CLOCK_MONOTONIC_COARSE` ([`hz_from_coarse_resolution`]) and tells the program through the
+/// `FIB_CACHE_JIFFIES` global.
+///
+/// [`Flow::fib_stamp`]'s clock: the low 32 bits of jiffies.
+#[inline(always)]
+pub const fn fib_clock(jiffies: u64) -> u32 {
+    jiffies as u32
+}
+
+/// Jiffies per tick of [`seen_clock`], as a shift: 256 jiffies (0.26 s at HZ 1000, 1.02 s at
+/// HZ 250, 2.56 s at HZ 100).
+pub const SEEN_SHIFT: u32 = 8;
+
+/// The clock of [`Flow::last_seen`]: [`fib_clock`] ticks to ticks of 2^[`SEEN_SHIFT`] jiffies,
+/// so a busy flow's entry is written a few times a second at most, not once a packet.
 #[inline(always)]
 pub const fn seen_clock(fib_ticks: u32) -> u32 {
-    fib_ticks >> 10
+    fib_ticks >> SEEN_SHIFT
+}
+
+/// `HZ` from the resolution of `CLOCK_MONOTONIC_COARSE`, which the kernel reports as one jiffy
+/// (`TICK_NSEC`, rounded to the nearest nanosecond).
+pub const fn hz_from_coarse_resolution(ns: u64) -> u32 {
+    if ns == 0 {
+        return 0;
+    }
+    ((1_000_000_000 + ns / 2) / ns) as u32
 }
 
 /// Version of the layout of the maps a restarted daemon adopts (`FLOWS`, `ADDR_FILTER`, the
 /// counters). Bump it whenever their keys, values or meaning change: a daemon refuses to adopt
-/// pinned maps of another version rather than misread live flows.
-pub const LAYOUT_VERSION: u32 = 1;
-
-/// How long a FIB result cached in a flow is used before it is looked up again, in
-/// [`fib_clock`] units (about one second): bounds how long a flow follows a stale neighbour.
-pub const FIB_CACHE_TICKS: u32 = 1000;
-
-/// The clock of [`Flow::fib_stamp`]: nanoseconds to ~1.05 ms ticks.
-#[inline(always)]
-pub const fn fib_clock(ns: u64) -> u32 {
-    (ns >> 20) as u32
-}
+/// pinned maps of another version rather than misread live flows. 2: flow clocks in jiffies.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Per-backend counters (per CPU; userspace sums them, and sums backends into services).
 #[repr(C)]
@@ -435,6 +451,20 @@ pub mod csum {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hz_is_the_inverse_of_the_coarse_clock_resolution() {
+        // TICK_NSEC for each HZ a kernel can be built with.
+        for (tick_ns, hz) in [
+            (10_000_000, 100),
+            (4_000_000, 250),
+            (3_333_333, 300),
+            (1_000_000, 1000),
+        ] {
+            assert_eq!(hz_from_coarse_resolution(tick_ns), hz);
+        }
+        assert_eq!(hz_from_coarse_resolution(0), 0);
+    }
 
     #[test]
     fn csum_incremental_matches_recompute() {

@@ -5,14 +5,13 @@
 
 use ambassador_ebpf::{
     csum, fib_clock, filter_index, flow_slot, seen_clock, Backend, Counters, Flow, FlowKey,
-    Service, ServiceKey, Stat, FAMILY_V4, FAMILY_V6, FIB_CACHE_TICKS, FILTER_BACKEND,
-    FILTER_SERVICE, FILTER_SIZE, FLOW_FORWARD, FLOW_REVERSE, FLOW_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    Service, ServiceKey, Stat, FAMILY_V4, FAMILY_V6, FILTER_BACKEND, FILTER_SERVICE, FILTER_SIZE,
+    FLOW_FORWARD, FLOW_REVERSE, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, SERVICE_PASS_TO_STACK, STAT_COUNT, TABLE_SIZE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -37,6 +36,32 @@ static ADDR_FILTER: Array<u32> = Array::with_max_entries(FILTER_SIZE, 0);
 static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// How long a FIB result cached in a flow is used before it is looked up again, in jiffies:
+/// bounds how long a flow follows a stale neighbour. The loader sets it to `HZ` (one second);
+/// a read-only global, so the verifier folds it into the comparison.
+#[unsafe(no_mangle)]
+static FIB_CACHE_JIFFIES: u32 = 250;
+
+/// The flow clock now ([`fib_clock`] of jiffies).
+#[inline(always)]
+fn clock_now() -> u32 {
+    // SAFETY: plain helper call (inlined by the verifier into a load of `jiffies`).
+    fib_clock(unsafe { bpf_jiffies64() })
+}
+
+/// The current jiffies for userspace, which has no other exact reading of them: written into
+/// the first 8 bytes of a test-run packet (little-endian). Never attached.
+#[xdp]
+pub fn clock_probe(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 8 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: 8 bytes are inside the packet, checked above; plain helper call.
+    unsafe { (start as *mut u64).write_unaligned(bpf_jiffies64()) };
+    xdp_action::XDP_PASS
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800u16.to_be();
@@ -538,8 +563,7 @@ fn mark_closing(f: *mut Flow, tcp: u32) -> bool {
 #[inline(always)]
 fn touch_now(cache: *mut Flow) {
     if !cache.is_null() {
-        // SAFETY: plain helper call.
-        touch(cache, fib_clock(unsafe { bpf_ktime_get_coarse_ns() }));
+        touch(cache, clock_now());
     }
 }
 
@@ -635,8 +659,7 @@ fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend) {
     flow.nat_addr = key.dst;
     flow.nat_port = key.dport;
     flow.direction = FLOW_REVERSE;
-    // SAFETY: plain helper call.
-    flow.last_seen = seen_clock(fib_clock(unsafe { bpf_ktime_get_coarse_ns() }));
+    flow.last_seen = seen_clock(clock_now());
     flow.backend = id;
     flow.service = svc.id;
     let mut failed = FLOWS.insert(&rkey, &*flow, 0).is_err();
@@ -738,7 +761,7 @@ fn send(ctx: &XdpContext, ifindex: u32) -> u32 {
 /// Send a rewritten packet on its way: the FIB picks the egress and next hop; whatever the FIB
 /// cannot resolve here (no neighbour entry yet, MTU exceeded, TTL expiring, VLAN) goes to the
 /// stack, which routes it and answers with the proper ICMP. A flow entry (`cache`, or null)
-/// keeps the FIB result for [`FIB_CACHE_TICKS`], for packets no longer than one it was checked
+/// keeps the FIB result for `FIB_CACHE_JIFFIES`, for packets no longer than one it was checked
 /// for, so established flows skip the lookup.
 #[inline(never)]
 fn forward(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> u32 {
@@ -845,6 +868,13 @@ fn route(ctx: &XdpContext, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
     Ok(send(ctx, ifindex))
 }
 
+#[inline(always)]
+fn fib_cache_jiffies() -> u32 {
+    // SAFETY: a read of our own read-only global; volatile so the loader's value is read, not
+    // the default folded at compile time.
+    unsafe { core::ptr::read_volatile(&FIB_CACHE_JIFFIES) }
+}
+
 /// `cache` if it holds a fresh route checked for packets this long; sets `now` when it had to
 /// read the clock.
 #[inline(always)]
@@ -852,12 +882,13 @@ fn cached_route(cache: *mut Flow, ip_len: u16, now: &mut u32) -> Option<*mut Flo
     if cache.is_null() {
         return None;
     }
-    // SAFETY: plain helper call.
-    *now = fib_clock(unsafe { bpf_ktime_get_coarse_ns() });
+    *now = clock_now();
     touch(cache, *now);
     // SAFETY: a live map value for the duration of the program.
     let f = unsafe { &*cache };
-    if f.fib_ifindex != 0 && now.wrapping_sub(f.fib_stamp) < FIB_CACHE_TICKS && ip_len <= f.fib_len
+    if f.fib_ifindex != 0
+        && now.wrapping_sub(f.fib_stamp) < fib_cache_jiffies()
+        && ip_len <= f.fib_len
     {
         Some(cache)
     } else {

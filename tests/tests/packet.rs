@@ -668,6 +668,10 @@ fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change() {
         backend.ip(),
         ambassador_tests::fixture::mac(new_mac)
     ));
+    // Within the route's second the cached MAC is still used (proof the cache is read)...
+    let (_, out) = f.run(&input.build());
+    assert_eq!(out, expected_dnat(&input, backend), "cached route not used");
+    // ...and after it the neighbour change is followed.
     std::thread::sleep(std::time::Duration::from_millis(1200));
     let (_, out) = f.run(&input.build());
     let want = Spec {
@@ -678,6 +682,40 @@ fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change() {
         ..input.clone()
     };
     assert_eq!(out, want.build(), "cached route outlived its second");
+}
+
+#[test]
+fn flow_clock_counts_the_kernels_jiffies_and_stamps_flows() {
+    let mut f = Fixture::new();
+    let hz = *ambassador::dataplane::kernel::kernel_hz();
+    assert!(
+        [100, 250, 300, 1000].contains(&hz),
+        "HZ read from CLOCK_MONOTONIC_COARSE's resolution is {hz}, not a kernel HZ"
+    );
+    let t0 = f.dp.clock_now().expect("clock probe");
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let t1 = f.dp.clock_now().expect("clock probe");
+    let want = start.elapsed().as_secs_f64() * hz as f64;
+    let got = t1.wrapping_sub(t0) as f64;
+    assert!(
+        (got - want).abs() <= want * 0.1 + 2.0,
+        "the program's clock advanced {got} jiffies in {:?}, {want:.0} expected at HZ {hz}",
+        start.elapsed()
+    );
+    // A new flow's entries are stamped with that clock.
+    let input = Spec::tcp("198.51.100.32:40022", "10.200.0.100:80");
+    f.run(&input.build());
+    let now = ambassador_ebpf::seen_clock(f.dp.clock_now().expect("clock probe"));
+    let stamps = f.dp.flow_stamps().expect("reading FLOWS");
+    assert_eq!(
+        stamps.len(),
+        2,
+        "one forward and one reverse entry: {stamps:?}"
+    );
+    for s in stamps {
+        assert!(now.wrapping_sub(s) <= 1, "last_seen {s}, clock {now}");
+    }
 }
 
 #[test]

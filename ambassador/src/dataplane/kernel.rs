@@ -31,6 +31,8 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambassador-xdp"));
 
 pub const PROGRAM: &str = "ambassador_xdp";
+/// The program that reads the kernel's jiffies for userspace (test-run, never attached).
+pub const CLOCK_PROBE: &str = "clock_probe";
 
 /// Names of the maps, as pinned under the pin directory.
 pub const MAPS: [&str; 7] = [
@@ -375,6 +377,12 @@ impl KernelDataplane {
         dp.program()
             .pin(&prog_pin)
             .with_context(|| format!("pinning the XDP program at {}", prog_pin.display()))?;
+        // And the clock probe, so `status` reads flow ages in the program's clock.
+        let probe_pin = dir.join(format!("prog-{CLOCK_PROBE}"));
+        let _ = std::fs::remove_file(&probe_pin);
+        dp.clock_probe()
+            .pin(&probe_pin)
+            .with_context(|| format!("pinning the clock probe at {}", probe_pin.display()))?;
         dp.pinned = Some(dir.to_owned());
         let mut adoption = Adoption::default();
         if adopt {
@@ -413,6 +421,8 @@ impl KernelDataplane {
             &OFF
         };
         loader.override_global("AYA_LOG_LEVEL", level, false);
+        // Route-cache lifetime: one second of jiffies.
+        loader.override_global("FIB_CACHE_JIFFIES", kernel_hz(), true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow::anyhow!(
                 "loading the eBPF object failed: {e} (needs root or CAP_BPF+CAP_NET_ADMIN, \
@@ -425,6 +435,13 @@ impl KernelDataplane {
             .try_into()?;
         prog.load()
             .map_err(|e| anyhow::anyhow!("the kernel rejected the XDP program: {e:#?}"))?;
+        let probe: &mut Xdp = ebpf
+            .program_mut(CLOCK_PROBE)
+            .context("the eBPF object has no clock probe")?
+            .try_into()?;
+        probe
+            .load()
+            .map_err(|e| anyhow::anyhow!("the kernel rejected the clock probe: {e:#?}"))?;
         Ok(KernelDataplane {
             ebpf,
             links: Vec::new(),
@@ -468,6 +485,20 @@ impl KernelDataplane {
             .expect("program present since load")
             .try_into()
             .expect("program is XDP")
+    }
+
+    /// The loaded clock probe.
+    fn clock_probe(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(CLOCK_PROBE)
+            .expect("probe present since load")
+            .try_into()
+            .expect("probe is XDP")
+    }
+
+    /// The program's flow clock now ([`ambassador_ebpf::fib_clock`] of jiffies).
+    pub fn clock_now(&mut self) -> Result<u32> {
+        read_jiffies(self.clock_probe()).map(ambassador_ebpf::fib_clock)
     }
 
     /// The loaded object, for benchmarks that load its helper programs.
@@ -852,6 +883,18 @@ impl KernelDataplane {
             BpfHashMap::try_from(m)?;
         Ok(flows.keys().filter(|k| k.is_ok()).count())
     }
+
+    /// Every tracked entry's last-seen stamp ([`ambassador_ebpf::seen_clock`] ticks).
+    pub fn flow_stamps(&self) -> Result<Vec<u32>> {
+        let m = self.ebpf.map("FLOWS").with_context(|| map_err("FLOWS"))?;
+        let flows: BpfHashMap<_, ambassador_ebpf::FlowKey, ambassador_ebpf::Flow> =
+            BpfHashMap::try_from(m)?;
+        Ok(flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, f)| f.last_seen)
+            .collect())
+    }
 }
 
 /// Maps are read through a fresh handle (a pinned one in `status`, the loader's own in the
@@ -997,17 +1040,56 @@ pub const TCP_IDLE_SECS: u64 = 6 * 3600;
 /// How long a UDP flow stays counted open without packets.
 pub const UDP_IDLE_SECS: u64 = 60;
 
-/// The flow clock now ([`ambassador_ebpf::seen_clock`] of `bpf_ktime_get_coarse_ns`, which is
-/// `CLOCK_MONOTONIC_COARSE`).
-fn seen_now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    ambassador_ebpf::seen_clock(ambassador_ebpf::fib_clock(ns))
+/// The kernel's `HZ` (jiffies a second, the unit of the program's flow clocks): the resolution
+/// of `CLOCK_MONOTONIC_COARSE` is one jiffy. 250 if the clock reports something implausible.
+pub fn kernel_hz() -> &'static u32 {
+    static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    HZ.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes the timespec we own.
+        let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        match ambassador_ebpf::hz_from_coarse_resolution(ns) {
+            hz @ 24..=10_000 if rc == 0 => hz,
+            _ => 250,
+        }
+    })
+}
+
+/// The kernel's jiffies, read by test-running the clock probe (userspace has no other exact
+/// reading of the clock the program stamps flows with).
+fn read_jiffies(probe: &Xdp) -> Result<u64> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let pkt = [0u8; 64];
+    let mut out = [0u8; 64];
+    probe
+        .test_run(TestRunOptions {
+            data_in: Some(&pkt),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .context("test-running the clock probe (BPF_PROG_TEST_RUN)")?;
+    Ok(u64::from_le_bytes(out[..8].try_into().expect("8 bytes")))
+}
+
+/// The flow clock now, from the clock probe pinned under `dir`, in [`ambassador_ebpf::seen_clock`]
+/// ticks.
+fn seen_now_pinned(dir: &Path) -> Result<u32> {
+    let path = dir.join(format!("prog-{CLOCK_PROBE}"));
+    let probe = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
+        .with_context(|| format!("opening the pinned clock probe {}", path.display()))?;
+    let jiffies = read_jiffies(&probe)?;
+    Ok(ambassador_ebpf::seen_clock(ambassador_ebpf::fib_clock(
+        jiffies,
+    )))
+}
+
+/// Seconds to [`ambassador_ebpf::seen_clock`] ticks at `hz`.
+fn seen_ticks(secs: u64, hz: u32) -> u32 {
+    ((secs * hz as u64) >> ambassador_ebpf::SEEN_SHIFT) as u32
 }
 
 /// Open flows per backend address, from the connection table pinned under `dir`: forward
@@ -1021,10 +1103,9 @@ pub fn open_flows_pinned(dir: &Path) -> Result<HashMap<SocketAddr, u64>> {
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     let map = Map::from_map_data(data)?;
     let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(&map)?;
-    let now = seen_now();
-    // Seconds to flow-clock ticks (2^30 ns each).
-    let ticks = |secs: u64| ((secs * 1_000_000_000) >> 30) as u32;
-    let (tcp_idle, udp_idle) = (ticks(TCP_IDLE_SECS), ticks(UDP_IDLE_SECS));
+    let now = seen_now_pinned(dir)?;
+    let hz = *kernel_hz();
+    let (tcp_idle, udp_idle) = (seen_ticks(TCP_IDLE_SECS, hz), seen_ticks(UDP_IDLE_SECS, hz));
     let mut open = HashMap::new();
     for (k, f) in flows.iter().filter_map(|r| r.ok()) {
         if f.direction != FLOW_FORWARD || f.closing != 0 {
