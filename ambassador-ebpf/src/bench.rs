@@ -158,3 +158,20 @@ pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
     unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
 }
+
+/// Restore the packet and void every flow-cache copy (as a replaced flow does), then run the
+/// program under test: every iteration takes the connection-table lookup, as a CPU's first
+/// packet of a flow in each clock tick does.
+#[xdp]
+pub fn bench_restore_uncached(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(e) = crate::xdp::FLOW_EPOCH.get_ptr_mut(0) {
+        // SAFETY: a live map value; the benchmark runs on one thread, so a plain add will do.
+        unsafe { *e += 1 };
+    }
+    // SAFETY: as in bench_restore.
+    unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}

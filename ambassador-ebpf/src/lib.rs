@@ -218,8 +218,9 @@ pub const fn hz_from_coarse_resolution(ns: u64) -> u32 {
 
 /// Version of the layout of the maps a restarted daemon adopts (`FLOWS`, `ADDR_FILTER`, the
 /// counters). Bump it whenever their keys, values or meaning change: a daemon refuses to adopt
-/// pinned maps of another version rather than misread live flows. 2: flow clocks in jiffies.
-pub const LAYOUT_VERSION: u32 = 2;
+/// pinned maps of another version rather than misread live flows. 2: flow clocks in jiffies;
+/// 3: two more global counters.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Per-backend counters (per CPU; userspace sums them, and sums backends into services).
 #[repr(C)]
@@ -256,9 +257,14 @@ pub enum Stat {
     NoBackend = 9,
     /// The flow table refused an insert (the flow is still forwarded, by hash).
     FlowInsertFailed = 10,
+    /// An established IPv4 flow's decision copied into a CPU's flow cache (a cache miss).
+    FlowCacheFill = 11,
+    /// A new flow replaced a tracked entry of its 5-tuple (a SYN on a closed flow's tuple):
+    /// every CPU's flow cache is invalidated.
+    FlowReplaced = 12,
 }
 
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 13;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -3,6 +3,13 @@
 //! On the host this binary is an empty stub so the workspace builds and lints as a whole; the
 //! real object is built for `bpfel-unknown-none` by `ambassador/build.rs`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target has no compare-and-swap, so core offers no `fetch_add`; the intrinsic lowers
+// to BPF's atomic add (the eBPF object is built with nightly).
+#![cfg_attr(
+    target_arch = "bpf",
+    feature(core_intrinsics),
+    allow(internal_features)
+)]
 
 #[cfg(target_arch = "bpf")]
 mod bench;

@@ -225,6 +225,76 @@ fn established_flow_keeps_its_backend_when_it_leaves_the_config() {
     assert_eq!(f.stat("new_flow"), 2);
 }
 
+/// Keep this thread on one CPU: the flow cache is per CPU, and `BPF_PROG_TEST_RUN` runs the
+/// program on the caller's CPU.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it() {
+    pin_to_one_cpu();
+    let mut f = Fixture::new();
+    let client = client_for(&f, "web4", "experiment", false, 41100);
+    let syn = Spec::tcp(&client, "10.200.0.100:80");
+    let data = Spec {
+        tcp_flags: ACK | PSH,
+        ..syn.clone()
+    };
+    let experiment: SocketAddr = "10.200.3.2:8080".parse().unwrap();
+    let web: SocketAddr = "10.200.2.2:8080".parse().unwrap();
+    f.run(&syn.build());
+    for _ in 0..5 {
+        let (action, out) = f.run(&data.build());
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, expected_dnat(&data, experiment));
+    }
+    // The first data packet copies the flow into the cache, the others use the copy (a
+    // second copy only if the clock's tick turned meanwhile).
+    let fills = f.stat("flow_cache_fill");
+    assert!(
+        (1..=2).contains(&fills),
+        "{fills} cache fills for 5 data packets"
+    );
+    assert_eq!(f.backend_packets("web4", "experiment"), 6);
+
+    // The client closes; the experiment leaves the config; the client reopens the same
+    // 5-tuple, which is a new flow and goes to web...
+    f.run(
+        &Spec {
+            tcp_flags: FIN | ACK,
+            ..syn.clone()
+        }
+        .build(),
+    );
+    let only_web = CONFIG.replace(
+        "        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }\n",
+        "",
+    );
+    let cfg = Config::parse(Path::new("t.yaml"), &only_web).unwrap();
+    f.dp.apply(&Plan::build(&cfg)).unwrap();
+    let (_, out) = f.run(&syn.build());
+    assert_eq!(out, expected_dnat(&syn, web));
+    assert_eq!(f.stat("flow_replaced"), 1);
+    // ...and so do its data packets: the cached copy of the old flow is void.
+    let (_, out) = f.run(&data.build());
+    assert_eq!(
+        out,
+        expected_dnat(&data, web),
+        "a stale cached copy sent the reopened flow to the old backend"
+    );
+}
+
 #[test]
 fn reply_from_backend_is_rewritten_to_the_service_address() {
     let mut f = Fixture::new();

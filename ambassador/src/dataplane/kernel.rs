@@ -935,6 +935,8 @@ pub const STAT_NAMES: [(Stat, &str); STAT_COUNT as usize] = [
     (Stat::IcmpTranslated, "icmp_translated"),
     (Stat::NoBackend, "no_backend"),
     (Stat::FlowInsertFailed, "flow_insert_failed"),
+    (Stat::FlowCacheFill, "flow_cache_fill"),
+    (Stat::FlowReplaced, "flow_replaced"),
 ];
 
 impl Stats {
