@@ -73,8 +73,9 @@ enum Cmd {
         /// when the config has `redis` services.
         #[arg(long, default_value = "127.0.0.1:22222")]
         stats_listen: std::net::SocketAddr,
-        /// Worker threads of each userspace path (TLS sidecar, userspace data plane, sharding);
-        /// default one per core.
+        /// Worker threads of each userspace path: default one per core for the TLS sidecar and
+        /// the userspace data plane, half the cores (at least one) for the sharding ambassador,
+        /// which shares its node with its clients and shards.
         #[arg(long)]
         workers: Option<usize>,
         /// At exit, leave XDP attached and its maps pinned so the next `run` (an upgrade)

@@ -1158,8 +1158,18 @@ impl Drop for Running {
     }
 }
 
+/// Worker threads of the sharding ambassador when `--workers` is not given: half the cores, at
+/// least one. It shares its node with the clients and shards it serves (twemproxy runs one
+/// thread; Istio's sidecars default to two workers): measured on 2 cores that the client and
+/// three shards share (`bench redis`, two runs), one worker beat one per core by 23–24% at
+/// -P 1 and 15–24% on MGET of 10 keys; at -P 16 and on MGET of 100 the two were within
+/// run-to-run noise (one per core 0.94–1.22× and 0.94–1.01×). `--workers N` scales it up.
+pub fn default_workers() -> usize {
+    (crate::dataplane::userspace::Workers::default_count() / 2).max(1)
+}
+
 impl Pools {
-    /// With `n` worker threads instead of one per core.
+    /// With `n` worker threads instead of [`default_workers`].
     pub fn with_workers(n: Option<usize>) -> Pools {
         Pools {
             worker_count: n,
@@ -1180,9 +1190,7 @@ impl Pools {
             let keep =
                 matches!(self.running.get(&s.name), Some(run) if run.listen == s.listen.addr);
             if !keep {
-                let n = self
-                    .worker_count
-                    .unwrap_or_else(crate::dataplane::userspace::Workers::default_count);
+                let n = self.worker_count.unwrap_or_else(default_workers);
                 let workers = self
                     .workers
                     .get_or_insert_with(|| crate::dataplane::userspace::Workers::start(n));
