@@ -243,7 +243,9 @@ cd {}
             exe.display()
         ));
     }
-    s.push_str("echo VM-DONE\necho o > /proc/sysrq-trigger\nsleep 30\n");
+    // Wait for the power-off with shell builtins only: once it starts, exec'ing `sleep` can fail,
+    // and init (this shell) exiting then panics the guest ("Attempted to kill init") in the log.
+    s.push_str("echo VM-DONE\necho o > /proc/sysrq-trigger\nwhile :; do :; done\n");
     s
 }
 
