@@ -100,6 +100,16 @@ impl Fixture {
         (r.return_value, out)
     }
 
+    /// Reprogram the maps from CONFIG without web4's experiment backend.
+    fn remove_experiment(&mut self) {
+        let only_web = CONFIG.replace(
+            "        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }\n",
+            "",
+        );
+        let cfg = Config::parse(Path::new("t.yaml"), &only_web).unwrap();
+        self.dp.apply(&Plan::build(&cfg)).unwrap();
+    }
+
     fn stat(&self, name: &str) -> u64 {
         self.dp.stats().unwrap().global(name)
     }
@@ -194,12 +204,7 @@ fn established_flow_keeps_its_backend_when_it_leaves_the_config() {
     assert_eq!(out, expected_dnat(&input, experiment));
 
     // New config: the experiment is gone.
-    let only_web = CONFIG.replace(
-        "        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }\n",
-        "",
-    );
-    let cfg = Config::parse(Path::new("t.yaml"), &only_web).unwrap();
-    f.dp.apply(&Plan::build(&cfg)).unwrap();
+    f.remove_experiment();
 
     let (action, out) = f.run(&input.build());
     assert_eq!(action, XDP_REDIRECT);
@@ -277,12 +282,7 @@ fn established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it() {
         }
         .build(),
     );
-    let only_web = CONFIG.replace(
-        "        - { name: experiment, address: 10.200.3.2:8080, weight: 1 }\n",
-        "",
-    );
-    let cfg = Config::parse(Path::new("t.yaml"), &only_web).unwrap();
-    f.dp.apply(&Plan::build(&cfg)).unwrap();
+    f.remove_experiment();
     let (_, out) = f.run(&syn.build());
     assert_eq!(out, expected_dnat(&syn, web));
     assert_eq!(f.stat("flow_replaced"), 1);
