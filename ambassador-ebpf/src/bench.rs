@@ -83,7 +83,7 @@ pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
     // Zeroed word by word, then filled: LLVM would merge the zero fields of a struct literal
     // into misaligned stack stores, which the verifier refuses.
     let mut k = core::mem::MaybeUninit::<FlowKey>::uninit();
-    crate::xdp::zero_words(&mut k);
+    crate::flow::zero_words(&mut k);
     // SAFETY: all-zero is a valid FlowKey; plain field writes.
     let key = unsafe { k.assume_init_mut() };
     key.src[0] = src;
@@ -94,7 +94,7 @@ pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
     key.proto = PROTO_TCP;
     key.family = FAMILY_V4;
     let mut raw = core::mem::MaybeUninit::<Flow>::uninit();
-    crate::xdp::zero_words(&mut raw);
+    crate::flow::zero_words(&mut raw);
     // SAFETY: all-zero is a valid Flow.
     let flow = unsafe { raw.assume_init_ref() };
     match BENCH_FLOWS.insert(key, flow, 0) {
@@ -167,7 +167,7 @@ pub fn bench_restore_uncached(ctx: XdpContext) -> u32 {
     if !restore(&ctx) {
         return xdp_action::XDP_ABORTED;
     }
-    if let Some(e) = crate::xdp::FLOW_EPOCH.get_ptr_mut(0) {
+    if let Some(e) = crate::maps::FLOW_EPOCH.get_ptr_mut(0) {
         // SAFETY: a live map value; the benchmark runs on one thread, so a plain add will do.
         unsafe { *e += 1 };
     }

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::xdp::{BACKENDS, RINGS, SERVICES};
+use crate::maps::{BACKENDS, RINGS, SERVICES};
 
 /// What a socket dialed (wire words, wire port), for `getpeername`.
 #[repr(C)]

@@ -1,4 +1,4 @@
-//! Types and selection primitives shared by the XDP program and userspace.
+//! Types and selection primitives shared by the kernel programs (XDP and TC) and userspace.
 //!
 //! Everything here is `no_std`, `#[repr(C)]` without implicit padding, and compiled into both the
 //! eBPF object and the `ambassador` binary, so the kernel and userspace hash, key and index flows
@@ -11,16 +11,17 @@
 //! host values. Hashing and checksums work on these words directly, so no byte swap ever happens
 //! on the packet path.
 //!
-//! # Map layout (the design; the XDP program and `ambassador::dataplane::kernel` follow it)
+//! # Map layout (the design; the XDP and TC programs and `ambassador::dataplane::kernel` follow it)
 //! | map | type | key → value | entries | written by | read by |
 //! |---|---|---|---|---|---|
-//! | `SERVICES` | hash | [`ServiceKey`] → [`Service`] | [`MAX_SERVICES`] | daemon | XDP |
-//! | `BACKENDS` | array | backend id → [`Backend`] | [`MAX_BACKENDS`] | daemon | XDP |
-//! | `RINGS` | array | `ring * TABLE_SIZE + slot` → backend id | `2 * MAX_SERVICES * TABLE_SIZE` | daemon | XDP |
-//! | `FLOWS` | LRU hash, per-CPU LRU lists | [`FlowKey`] → [`Flow`] (with its cached FIB result) | [`FLOW_TABLE_SIZE`] | XDP (daemon may read/flush) | XDP |
-//! | `ADDR_FILTER` | array | [`filter_index`] of an address → [`FILTER_SERVICE`]/[`FILTER_BACKEND`] bits | [`FILTER_SIZE`] | daemon | XDP |
-//! | `BACKEND_STATS` | per-CPU array | backend id → [`Counters`] (service totals are their sums) | [`MAX_BACKENDS`] | XDP | daemon |
-//! | `GLOBAL_STATS` | per-CPU array | [`Stat`] → `u64` | [`STAT_COUNT`] | XDP | daemon |
+//! | `SERVICES` | hash | [`ServiceKey`] → [`Service`] | [`MAX_SERVICES`] | daemon | XDP, TC |
+//! | `BACKENDS` | array | backend id → [`Backend`] | [`MAX_BACKENDS`] | daemon | XDP, TC |
+//! | `RINGS` | array | `ring * TABLE_SIZE + slot` → backend id | `2 * MAX_SERVICES * TABLE_SIZE` | daemon | XDP, TC |
+//! | `FLOWS` | LRU hash | [`FlowKey`] → [`Flow`] (with its cached FIB result) | [`FLOW_TABLE_SIZE`] | XDP, TC (daemon may read/flush) | XDP, TC |
+//! | `XDP_EGRESS` | hash | ifindex → 1 | [`MAX_XDP_EGRESS`] | daemon (as it attaches XDP) | XDP (before redirecting) |
+//! | `ADDR_FILTER` | array | [`filter_index`] of an address → [`FILTER_SERVICE`]/[`FILTER_BACKEND`] bits | [`FILTER_SIZE`] | daemon | XDP, TC |
+//! | `BACKEND_STATS` | per-CPU array | backend id → [`Counters`] (service totals are their sums) | [`MAX_BACKENDS`] | XDP, TC | daemon |
+//! | `GLOBAL_STATS` | per-CPU array | [`Stat`] → `u64` | [`STAT_COUNT`] | XDP, TC | daemon |
 //!
 //! Each service owns two rings (`2 * id` and `2 * id + 1`). A reload writes the whole new table
 //! into the ring that is not live, then points [`Service::ring`] at it with one `SERVICES` update,
@@ -36,6 +37,8 @@ pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 4_096;
 /// Tracked flows (each flow uses two entries: forward and reverse).
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Interfaces the XDP program may redirect to (`XDP_EGRESS`).
+pub const MAX_XDP_EGRESS: u32 = 1024;
 /// Entries of the address pre-filter; a power of two.
 pub const FILTER_SIZE: u32 = 4_096;
 /// `ADDR_FILTER` bit: some service listens on an address folding to this index.

@@ -35,9 +35,15 @@ pub const MAX_WEIGHT: u32 = 10_000;
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Interfaces the XDP program attaches to (`--interface` overrides).
+    /// Interfaces the kernel programs attach to (`--interface` overrides).
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// Which kernel program each interface gets (`--attach MODE` overrides).
+    #[serde(default, skip_serializing_if = "AttachMode::is_auto")]
+    pub attach: AttachMode,
+    /// The program for particular interfaces, over `attach` (`--attach IF=MODE` overrides).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attach_by_interface: std::collections::BTreeMap<String, AttachMode>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
     /// Repositories the daemon keeps synced and published (the git-push PaaS sidecar).
@@ -46,6 +52,83 @@ pub struct Config {
     /// Which DNS server brokered services ask (default: the system's resolv.conf).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolvers: Option<crate::discovery::Resolvers>,
+}
+
+/// Which kernel program goes on an interface (`attach:`, `--attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native XDP where the driver has it and the device is not a veth; the TC program on
+    /// veths and on drivers without native XDP (rather than generic XDP).
+    #[default]
+    Auto,
+    /// XDP (native, or generic where the driver has none; `--xdp-mode` chooses).
+    Xdp,
+    /// The TC program on clsact ingress.
+    Tc,
+}
+
+impl AttachMode {
+    pub fn is_auto(&self) -> bool {
+        *self == AttachMode::Auto
+    }
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AttachMode::Auto),
+            "xdp" => Ok(AttachMode::Xdp),
+            "tc" => Ok(AttachMode::Tc),
+            _ => Err(format!("`{s}` is not an attach mode: use auto, xdp or tc")),
+        }
+    }
+}
+
+/// `--attach MODE` (every interface) or `--attach IF=MODE` (one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachArg {
+    pub interface: Option<String>,
+    pub mode: AttachMode,
+}
+
+impl FromStr for AttachArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.split_once('=') {
+            Some((i, m)) if !i.is_empty() => AttachArg {
+                interface: Some(i.to_string()),
+                mode: m.parse()?,
+            },
+            _ => AttachArg {
+                interface: None,
+                mode: s.parse()?,
+            },
+        })
+    }
+}
+
+impl Config {
+    /// The program for `iface`: `--attach IF=MODE`, else `--attach MODE`, else
+    /// `attach_by_interface`, else `attach`.
+    pub fn attach_mode(&self, iface: &str, args: &[AttachArg]) -> AttachMode {
+        let arg = |per_if: bool| {
+            args.iter()
+                .rev()
+                .find(|a| match &a.interface {
+                    Some(i) => per_if && i == iface,
+                    None => !per_if,
+                })
+                .map(|a| a.mode)
+        };
+        arg(true)
+            .or_else(|| arg(false))
+            .or_else(|| self.attach_by_interface.get(iface).copied())
+            .unwrap_or(self.attach)
+    }
 }
 
 impl Config {
@@ -547,6 +630,20 @@ impl Config {
 
     /// Cross-field rules serde cannot express. Errors carry (key, text to locate, message, fix).
     fn validate(&self) -> Result<(), (String, Option<String>, String, String)> {
+        if !self.interfaces.is_empty() {
+            if let Some(i) = self
+                .attach_by_interface
+                .keys()
+                .find(|i| !self.interfaces.contains(i))
+            {
+                return Err((
+                    format!("attach_by_interface.{i}"),
+                    Some(format!("{i}:")),
+                    format!("{i} is not one of `interfaces`"),
+                    format!("add {i} to `interfaces`, or remove it here"),
+                ));
+            }
+        }
         let mut jobs = HashSet::new();
         for (i, g) in self.gitsync.iter().enumerate() {
             if let Err((k, m, f)) = g.validate() {

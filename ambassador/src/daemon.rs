@@ -19,8 +19,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, TlsConfig},
+    config::{AttachArg, Config, TlsConfig},
     dataplane::{
+        attach::Attachment,
         kernel::{check_interface, preflight, Ids, KernelDataplane},
         userspace::{ServiceRuntime, UserspaceDataplane},
         Plan,
@@ -36,9 +37,12 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ambassador";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataplaneMode {
-    /// XDP when it can be loaded and attached, else userspace (with a warning saying why).
+    /// The kernel programs when they can be loaded and attached, else userspace (with a
+    /// warning saying why).
     Auto,
-    Xdp,
+    /// The kernel programs: XDP or TC on each interface (see `dataplane::attach`).
+    #[serde(alias = "xdp")]
+    Kernel,
     Userspace,
 }
 
@@ -46,6 +50,8 @@ pub enum DataplaneMode {
 pub struct RunOptions {
     pub config: PathBuf,
     pub interfaces: Vec<String>,
+    /// Which program goes on which interface, over the config's `attach:`.
+    pub attach: Vec<AttachArg>,
     pub xdp_mode: Option<XdpMode>,
     pub dataplane: DataplaneMode,
     pub state_dir: PathBuf,
@@ -73,11 +79,14 @@ pub struct RunOptions {
 pub struct State {
     pub pid: u32,
     pub config_path: PathBuf,
-    /// `xdp` or `userspace`: who forwards plain services.
+    /// `kernel` or `userspace`: who forwards plain services.
     pub dataplane: DataplaneMode,
-    /// Where the kernel maps are pinned (XDP only).
+    /// Where the kernel maps are pinned (kernel data plane only).
     pub pin_dir: Option<PathBuf>,
     pub interfaces: Vec<String>,
+    /// Which program runs on each interface (kernel data plane only).
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
     /// Incremented on every applied config.
     pub generation: u64,
     /// The config being served.
@@ -726,7 +735,7 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
     } else {
         opts.interfaces.clone()
     };
-    if opts.dataplane == DataplaneMode::Xdp {
+    if opts.dataplane == DataplaneMode::Kernel {
         // Say what is missing before touching anything (the state directory included).
         preflight(&opts.pin_dir)?;
         for iface in &interfaces {
@@ -747,14 +756,16 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
     }
     let kernel = match opts.dataplane {
         DataplaneMode::Userspace => None,
-        DataplaneMode::Xdp => Some(start_kernel(&opts, &interfaces, &opts.config)?),
-        DataplaneMode::Auto => match start_kernel(&opts, &interfaces, &opts.config) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                warn!("XDP unavailable ({e:#}); using the userspace data plane");
-                None
+        DataplaneMode::Kernel => Some(start_kernel(&opts, &interfaces, &opts.config)?),
+        DataplaneMode::Auto => {
+            match start_kernel(&opts, &interfaces, &opts.config) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    warn!("the kernel data plane is unavailable ({e:#}); using the userspace data plane");
+                    None
+                }
             }
-        },
+        }
     };
     let xdp = kernel.is_some();
     let mut overrides = Overrides::load(&opts.state_dir)?;
@@ -782,12 +793,13 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
             pid: std::process::id(),
             config_path: opts.config.clone(),
             dataplane: if xdp {
-                DataplaneMode::Xdp
+                DataplaneMode::Kernel
             } else {
                 DataplaneMode::Userspace
             },
             pin_dir: xdp.then(|| opts.pin_dir.clone()),
             interfaces: if xdp { interfaces.clone() } else { Vec::new() },
+            attachments: Vec::new(),
             generation: 1,
             config: cfg.clone(),
             ids: Ids::default(),
@@ -840,11 +852,16 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
     }
     if let Some(k) = &mut d.kernel {
         for iface in &interfaces {
-            k.attach(iface, opts.xdp_mode)?;
+            k.attach(iface, cfg.attach_mode(iface, &opts.attach), opts.xdp_mode)?;
         }
-        for iface in k.release_other_links()? {
-            info!("detached XDP from {iface}: no longer configured");
+        for a in k.release_other_links()? {
+            info!(
+                "detached {} from {}: no longer configured",
+                a.program.label(),
+                a.interface
+            );
         }
+        d.state.attachments = k.attachments();
     }
     d.publish();
     admin
@@ -853,8 +870,8 @@ pub async fn run(mut opts: RunOptions) -> Result<()> {
     info!(admin = %admin_endpoint, "admin API serving");
     info!(
         services = cfg.services.len(),
-        dataplane = if xdp { "xdp" } else { "userspace" },
-        interfaces = ?d.state.interfaces,
+        dataplane = if xdp { "kernel" } else { "userspace" },
+        programs = %crate::dataplane::attach::describe(&d.state.attachments),
         "serving {}",
         opts.config.display()
     );

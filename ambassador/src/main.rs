@@ -2,7 +2,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use ambassador::{config::Config, daemon, simulate, status};
+use ambassador::{
+    config::{self, Config},
+    daemon, simulate, status,
+};
 use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -61,10 +64,18 @@ enum Cmd {
         /// Interface to attach to (repeatable); overrides `interfaces:` in the config.
         #[arg(long = "interface", short = 'i')]
         interfaces: Vec<String>,
+        /// Which kernel program goes on the interfaces: `auto` (native XDP where the driver
+        /// has it and the device is not a veth; TC on veths and drivers without native XDP),
+        /// `xdp` or `tc`; `IF=MODE` for one interface (repeatable). Overrides `attach:` and
+        /// `attach_by_interface:` in the config.
+        #[arg(long, value_name = "[IF=]MODE")]
+        attach: Vec<config::AttachArg>,
+        /// With XDP: native (the driver's), skb (generic), or auto (the kernel chooses).
         #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
         xdp_mode: XdpModeArg,
-        /// Who forwards plain services: XDP, the userspace data plane, or XDP when it can be
-        /// loaded and attached (auto, with a warning saying why when it cannot).
+        /// Who forwards plain services: the kernel programs (XDP/TC), the userspace data plane,
+        /// or the kernel when its programs can be loaded and attached (auto, with a warning
+        /// saying why when they cannot).
         #[arg(long, value_enum, default_value_t = DataplaneArg::Auto)]
         dataplane: DataplaneArg,
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
@@ -486,7 +497,8 @@ fn gitsync(cmd: GitsyncCmd) -> Result<()> {
 #[derive(Clone, Copy, ValueEnum)]
 enum DataplaneArg {
     Auto,
-    Xdp,
+    #[value(alias = "xdp")]
+    Kernel,
     Userspace,
 }
 
@@ -589,6 +601,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Run {
             config,
             interfaces,
+            attach,
             xdp_mode,
             dataplane,
             pin_dir,
@@ -606,7 +619,7 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let dataplane = match dataplane {
                 DataplaneArg::Auto => daemon::DataplaneMode::Auto,
-                DataplaneArg::Xdp => daemon::DataplaneMode::Xdp,
+                DataplaneArg::Kernel => daemon::DataplaneMode::Kernel,
                 DataplaneArg::Userspace => daemon::DataplaneMode::Userspace,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -615,6 +628,7 @@ fn real_main(cli: Cli) -> Result<()> {
             rt.block_on(daemon::run(daemon::RunOptions {
                 config,
                 interfaces,
+                attach,
                 xdp_mode,
                 dataplane,
                 state_dir: admin.state_dir.clone(),

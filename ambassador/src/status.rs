@@ -14,9 +14,11 @@ pub struct StatusReport {
     pub generation: u64,
     pub config: String,
     pub interfaces: Vec<String>,
+    /// Which program runs on each interface (kernel data plane only).
+    pub attachments: Vec<crate::dataplane::attach::Attachment>,
     pub last_error: Option<String>,
     pub services: Vec<ServiceStatus>,
-    /// Kernel counters (XDP data plane only; empty otherwise).
+    /// Kernel counters (kernel data plane only; empty otherwise).
     pub kernel: Vec<(String, u64)>,
     /// Counters of the TLS sidecar and the userspace data plane.
     pub userspace: Vec<(String, u64)>,
@@ -50,7 +52,7 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Set with `drain`: takes no new flows, open ones continue.
     pub drained: bool,
-    /// Flows to this backend the connection table holds open (XDP only).
+    /// Flows to this backend the connection table holds open (kernel data plane only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub open_flows: Option<u64>,
     /// `healthy` or `unhealthy` for a service with `health`; absent otherwise.
@@ -143,6 +145,7 @@ pub fn report(state_dir: &Path) -> Result<StatusReport> {
         generation: state.generation,
         config: state.config_path.display().to_string(),
         interfaces: state.interfaces,
+        attachments: state.attachments,
         last_error: state.last_error,
         services,
         kernel: if state.pin_dir.is_some() {
@@ -165,8 +168,8 @@ pub fn render(r: &StatusReport) -> String {
         r.pid,
         r.config,
         r.generation,
-        if r.dataplane == "xdp" {
-            format!("XDP on {}", r.interfaces.join(", "))
+        if r.dataplane == "kernel" {
+            crate::dataplane::attach::describe(&r.attachments)
         } else {
             "userspace data plane".to_string()
         }

@@ -153,3 +153,23 @@ pub fn l3_offset(spec: &Spec) -> usize {
         14
     }
 }
+
+/// The `struct __sk_buff` a TC program's `BPF_PROG_TEST_RUN` is given: zero but for the
+/// interface the packet arrived on (the FIB lookup needs one; the kernel's test run leaves it
+/// 0 otherwise) and, for a GSO packet, its segment count and size.
+pub fn ingress_skb(ingress_ifindex: u32) -> Vec<u8> {
+    gso_skb(ingress_ifindex, 0, 0)
+}
+
+/// [`ingress_skb`] for a GSO packet of `segs` segments of `size` bytes.
+pub fn gso_skb(ingress_ifindex: u32, segs: u32, size: u32) -> Vec<u8> {
+    // Offsets in struct __sk_buff (uapi/linux/bpf.h), 192 bytes in all.
+    const INGRESS_IFINDEX: usize = 36;
+    const GSO_SEGS: usize = 164;
+    const GSO_SIZE: usize = 176;
+    let mut skb = vec![0u8; 192];
+    skb[INGRESS_IFINDEX..INGRESS_IFINDEX + 4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    skb[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
+    skb[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
+    skb
+}

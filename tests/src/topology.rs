@@ -8,9 +8,14 @@
 //!                                                             exp ns (e0: 10.200.3.2, nginx)
 //! ```
 //! IPv6 mirrors it on fd00:1::/64, fd00:2::/64, fd00:3::/64. The service address
-//! (10.200.0.100, fd00::100) is owned by nobody: the XDP program answers for it.
-//! The far ends of the veths stand in for hosts behind a NIC: GRO on (so XDP_REDIRECTed
-//! frames are taken) and TX checksum offload off (so packets carry full checksums).
+//! (10.200.0.100, fd00::100) is owned by nobody: the kernel program answers for it.
+//!
+//! By default ([`Peers::Containers`]) the veths are left as `ip link add ... type veth` makes
+//! them, as container runtimes and CNI plugins leave a pod's veth: TX checksum offload on (what
+//! the far ends send is `CHECKSUM_PARTIAL`) and GRO off; the daemon's `--attach auto` puts the
+//! TC program on them. [`Peers::BehindNic`] stands for hosts on a wire behind a NIC, for tests
+//! and benches about XDP itself; [`Peers::Mixed`] puts the client behind a NIC (XDP on `lbc`)
+//! and the backends in containers (TC on `lbw`, `lbe`).
 
 use std::{
     io::{Read as _, Write as _},
@@ -31,7 +36,41 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub const VIP4: &str = "10.200.0.100";
 pub const VIP6: &str = "fd00::100";
 
+/// How the far ends of the ambassador's veths are set up, and so which program the daemon
+/// attaches where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// Veths as a container runtime leaves them; `--attach auto` (TC on every veth).
+    Containers,
+    /// Far ends with GRO on (they take XDP-redirected frames, as a NIC's NAPI does) and TX
+    /// checksum offload off (full checksums, as from a wire); `--attach xdp`.
+    BehindNic,
+    /// The client behind a NIC (`--attach lbc=xdp`), the backends in containers (auto: TC).
+    Mixed,
+}
+
+impl Peers {
+    /// The daemon's `--attach` arguments for this topology.
+    pub fn attach_args(self) -> &'static [&'static str] {
+        match self {
+            Peers::Containers => &[],
+            Peers::BehindNic => &["--attach", "xdp"],
+            Peers::Mixed => &["--attach", "lbc=xdp"],
+        }
+    }
+
+    /// The program the daemon must report on each of lbc, lbw, lbe.
+    pub fn programs(self) -> [&'static str; 3] {
+        match self {
+            Peers::Containers => ["tc", "tc", "tc"],
+            Peers::BehindNic => ["xdp", "xdp", "xdp"],
+            Peers::Mixed => ["xdp", "tc", "tc"],
+        }
+    }
+}
+
 pub struct Topology {
+    pub peers: Peers,
     pub client: Netns,
     pub lb: Netns,
     pub web: Netns,
@@ -69,8 +108,14 @@ services:
 }
 
 impl Topology {
-    /// Build the namespaces and links; `n` client addresses per family.
+    /// Build the namespaces and links with veths as containers have them; `n` client
+    /// addresses per family.
     pub fn new(n: usize) -> Topology {
+        Topology::with_peers(n, Peers::Containers)
+    }
+
+    /// The same with the far ends set up as `peers` says.
+    pub fn with_peers(n: usize, peers: Peers) -> Topology {
         crate::require_root();
         let (client, lb, web, exp) = (
             Netns::new("client"),
@@ -126,10 +171,16 @@ impl Topology {
         exp.ip("addr add fd00:3::2/64 dev e0 nodad");
         exp.ip("route add default via 10.200.3.1");
         exp.ip("-6 route add default via fd00:3::1");
-        // The far ends stand in for hosts on a wire: GRO gives them the NAPI that takes
-        // XDP_REDIRECTed frames, and full checksums on send (no CHECKSUM_PARTIAL, which a NIC
-        // would finish but an XDP redirect between veths does not).
-        for (ns, dev) in [(&client, "c0"), (&web, "w0"), (&exp, "e0")] {
+        // Far ends behind a NIC stand in for hosts on a wire: GRO gives them the NAPI that
+        // takes XDP_REDIRECTed frames, and full checksums on send (no CHECKSUM_PARTIAL, which a
+        // NIC would finish but an XDP redirect between veths does not). Container far ends
+        // are left as created.
+        let nic: &[(&Netns, &str)] = match peers {
+            Peers::Containers => &[],
+            Peers::BehindNic => &[(&client, "c0"), (&web, "w0"), (&exp, "e0")],
+            Peers::Mixed => &[(&client, "c0")],
+        };
+        for (ns, dev) in nic {
             ns.sh(&format!("ethtool -K {dev} gro on tx off >/dev/null"));
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -138,6 +189,7 @@ impl Topology {
         crate::sweep_stale_pins();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/amb-test-{}-{n}", std::process::id()));
         Topology {
+            peers,
             client,
             lb,
             web,
@@ -152,7 +204,8 @@ impl Topology {
         }
     }
 
-    /// Start nginx in both backend namespaces; each answers `NAME CLIENT-ADDRESS`.
+    /// Start nginx in both backend namespaces; each answers `NAME CLIENT-ADDRESS` on port 80,
+    /// `NAME-81 CLIENT-ADDRESS` on port 81 (a third backend for three-way splits).
     pub fn start_nginx(&mut self, workers: u32) {
         for (ns, name) in [(&self.web, "web"), (&self.exp, "experiment")] {
             let d = self.dir.join(format!("nginx-{name}"));
@@ -176,6 +229,11 @@ http {{
     listen [::]:80 backlog=4096;
     location / {{ default_type text/plain; return 200 \"{name} $remote_addr\\n\"; }}
     location = /healthz {{ if (-f {d}/down) {{ return 503; }} return 200 \"ok\\n\"; }}
+  }}
+  server {{
+    listen 81;
+    listen [::]:81;
+    location / {{ default_type text/plain; return 200 \"{name}-81 $remote_addr\n\"; }}
   }}
   server {{
     listen 8080 proxy_protocol;
@@ -332,11 +390,12 @@ http {{
 
     fn start_daemon_config(&self, env: &str, config: &str, args: &[&str]) {
         let cmd = format!(
-            "env {env} {} run --config {} --state-dir {} --pin-dir {} {}",
+            "env {env} {} run --config {} --state-dir {} --pin-dir {} {} {}",
             ambassador_bin().display(),
             config,
             self.state_dir().display(),
             self.pin_dir.display(),
+            self.peers.attach_args().join(" "),
             args.join(" ")
         );
         let n = self.starts.fetch_add(1, Ordering::Relaxed);
@@ -379,6 +438,7 @@ http {{
             .arg(self.state_dir())
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .args(self.peers.attach_args())
             .args(args)
             .output()
             .unwrap();
@@ -406,6 +466,55 @@ http {{
     pub fn wait_daemon_exit(&self) -> std::process::ExitStatus {
         let mut d = self.daemon.lock().unwrap().take().expect("daemon running");
         d.wait().unwrap()
+    }
+
+    /// Check the daemon runs the kernel data plane with the program this topology calls for
+    /// on each interface (the split is done in the kernel, not by the userspace fallback).
+    pub fn assert_kernel_programs(&self) {
+        let st = self.status();
+        assert_eq!(st["dataplane"], "kernel", "status: {st:#}");
+        let want = self.peers.programs();
+        for (iface, program) in ["lbc", "lbw", "lbe"].into_iter().zip(want) {
+            let got = st["attachments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["interface"] == iface)
+                .unwrap_or_else(|| panic!("{iface} has no program: {st:#}"));
+            assert_eq!(got["program"], program, "{iface}: {st:#}");
+        }
+    }
+
+    /// The program attached to each of lbc, lbw, lbe as the kernel reports it ("xdp", "tc" or
+    /// "none"): XDP from `ip link`, TC from the interface's TCX programs (Linux 6.6 and
+    /// later) or its clsact ingress filters (netlink, older kernels).
+    pub fn attached(&self) -> [&'static str; 3] {
+        ["lbc", "lbw", "lbe"].map(|dev| {
+            if self.lb.ip(&format!("link show {dev}")).contains("prog/xdp") {
+                return "xdp";
+            }
+            let tcx = {
+                let _in = self.lb.enter();
+                aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
+                    .map(|(_, progs)| {
+                        progs
+                            .iter()
+                            .any(|p| p.name_as_str() == Some("ambassador_tc"))
+                    })
+                    .unwrap_or(false)
+            };
+            let filter = self
+                .lb
+                .sh(&format!(
+                    "tc filter show dev {dev} ingress 2>/dev/null; true"
+                ))
+                .contains("ambassador_tc");
+            if tcx || filter {
+                "tc"
+            } else {
+                "none"
+            }
+        })
     }
 
     /// `ambassador status --json`.

@@ -24,9 +24,16 @@ fn started(n: usize, web: u32, experiment: u32) -> Topology {
     t
 }
 
-/// Whether the lb namespace's veths have an XDP program attached.
-fn xdp_attached(t: &Topology) -> [bool; 3] {
-    ["lbc", "lbw", "lbe"].map(|dev| t.lb.ip(&format!("link show {dev}")).contains("prog/xdp"))
+/// Whether the lb namespace's veths have the kernel program this topology calls for.
+fn attached(t: &Topology) -> [bool; 3] {
+    let want = t.peers.programs();
+    let have = t.attached();
+    [0, 1, 2].map(|i| have[i] == want[i])
+}
+
+/// Whether no kernel program is left on the lb namespace's veths.
+fn detached(t: &Topology) -> bool {
+    t.attached() == ["none"; 3]
 }
 
 fn detach(t: &Topology) -> String {
@@ -91,9 +98,9 @@ fn kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow() {
         let before = new_ok.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(
-            xdp_attached(&t),
+            attached(&t),
             [true; 3],
-            "XDP left an interface with the daemon"
+            "the program left an interface with the daemon"
         );
         assert!(
             new_ok.load(Ordering::Relaxed) > before + 20,
@@ -133,17 +140,13 @@ fn kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow() {
     );
     assert!(new_ok.load(Ordering::Relaxed) > 100);
     println!(
-        "reliability: kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow: XDP path, daemon SIGKILLed and restarted with a flipped split under traffic: {} new connections and {streamed} requests on 20 keep-alive connections, 0 failed; every keep-alive kept its backend ({} of 20 on web, which the new table mostly avoids)",
+        "reliability: kill_9_under_traffic_fails_no_request_and_the_restart_adopts_every_flow: TC path (container veths), daemon SIGKILLed and restarted with a flipped split under traffic: {} new connections and {streamed} requests on 20 keep-alive connections, 0 failed; every keep-alive kept its backend ({} of 20 on web, which the new table mostly avoids)",
         new_ok.load(Ordering::Relaxed),
         kept.iter().filter(|b| b.starts_with("web")).count()
     );
     // A graceful stop detaches and removes the pins.
     t.stop_daemon();
-    assert_eq!(
-        xdp_attached(&t),
-        [false; 3],
-        "XDP still attached after SIGTERM"
-    );
+    assert!(detached(&t), "still attached after SIGTERM");
     assert!(!t.pin_dir.exists(), "pins left after SIGTERM");
 }
 
@@ -188,14 +191,15 @@ fn pinned_maps_of_another_layout_are_refused_with_the_fix_and_detach_removes_the
             && err.contains("needs LruHash"),
         "unclear refusal: {err}"
     );
-    // Refused starts touched nothing: XDP still forwards with the killed daemon's state.
-    assert_eq!(xdp_attached(&t), [true; 3]);
+    // Refused starts touched nothing: the program still forwards with the killed daemon's
+    // state.
+    assert_eq!(attached(&t), [true; 3]);
     let r = t.request_all(&t.clients4, vip4());
     assert!(r.iter().all(|(_, r)| r.is_ok()), "{r:?}");
 
     let out = detach(&t);
-    assert!(out.contains("link-xdp-lbc"), "{out}");
-    assert_eq!(xdp_attached(&t), [false; 3], "detach left XDP attached");
+    assert!(out.contains("link-tc"), "{out}");
+    assert!(detached(&t), "detach left a program attached");
     assert!(!t.pin_dir.exists(), "detach left {}", t.pin_dir.display());
     assert!(detach(&t).contains("nothing pinned"));
     // And a fresh start works again.
@@ -216,11 +220,11 @@ fn keep_on_exit_leaves_xdp_serving_and_detach_refuses_while_a_daemon_runs() {
     t.stop_daemon();
     t.start_daemon_with(&["--keep-on-exit"]);
     t.stop_daemon();
-    assert_eq!(xdp_attached(&t), [true; 3], "--keep-on-exit detached");
+    assert_eq!(attached(&t), [true; 3], "--keep-on-exit detached");
     let r = t.request_all(&t.clients4, vip4());
     assert!(r.iter().all(|(_, r)| r.is_ok()), "{r:?}");
     detach(&t);
-    assert_eq!(xdp_attached(&t), [false; 3]);
+    assert!(detached(&t));
 }
 
 /// `ambassador ARGS... --state-dir STATE` run in the lb namespace: (success, stdout, stderr).

@@ -1,6 +1,7 @@
-//! Katran-style packet fixtures: crafted packets through the real XDP program with
-//! `BPF_PROG_TEST_RUN`; for each the action, the exact output bytes (built independently with
-//! etherparse, checksums included) and the counters are checked.
+//! Katran-style packet fixtures: crafted packets through the real XDP and TC programs with
+//! `BPF_PROG_TEST_RUN` (every fixture runs on both: `xdp::NAME`, `tc::NAME`); for each the
+//! action, the exact output bytes (built independently with etherparse, checksums included)
+//! and the counters are checked.
 //!
 //! The program runs in a namespace of the test's own, with routes and permanent neighbour
 //! entries, so `bpf_fib_lookup` resolves and the rewritten MACs are known.
@@ -19,7 +20,7 @@ use ambassador_tests::{
         forwarding_netns, EXPERIMENT_MAC, GATEWAY_MAC, LB_BACKEND_MAC, LB_CLIENT_MAC, WEB_MAC,
     },
     netns::Netns,
-    packets::{l3_offset, Spec, ACK, FIN, PSH},
+    packets::{ingress_skb, l3_offset, Spec, ACK, FIN, PSH},
     require_root,
 };
 use aya::programs::{TestRun, TestRunOptions};
@@ -27,6 +28,8 @@ use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CONFIG: &str = "
 services:
@@ -60,7 +63,17 @@ services:
         - { name: b, address: '[fd00:3::2]:5353' }
 ";
 
+/// Which of the two programs a fixture runs: they make the same decisions and write the same
+/// bytes (the test runs build socket buffers with full checksums), so every fixture runs on
+/// both.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Xdp,
+    Tc,
+}
+
 struct Fixture {
+    kind: Kind,
     ns: Netns,
     dp: KernelDataplane,
     plan: Plan,
@@ -68,36 +81,74 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Fixture {
-        Fixture::with_config(CONFIG)
+    fn new(kind: Kind) -> Fixture {
+        Fixture::with_config(kind, CONFIG)
     }
 
-    fn with_config(yaml: &str) -> Fixture {
+    fn with_config(kind: Kind, yaml: &str) -> Fixture {
         require_root();
         let ns = forwarding_netns();
         let cfg = Config::parse(Path::new("packet-test.yaml"), yaml).expect("test config");
         let plan = Plan::build(&cfg);
-        let mut dp = KernelDataplane::load().expect("load XDP program");
+        let mut dp = KernelDataplane::load().expect("load the kernel programs");
         let ids = dp.apply(&plan).expect("program maps");
-        Fixture { ns, dp, plan, ids }
+        {
+            // XDP redirects only to interfaces that take XDP frames: as if it ran on both.
+            let _in = ns.enter();
+            for dev in ["be0", "cl0"] {
+                dp.allow_xdp_egress(dev).expect("XDP_EGRESS");
+            }
+        }
+        Fixture {
+            kind,
+            ns,
+            dp,
+            plan,
+            ids,
+        }
     }
 
-    /// Run one packet; returns the action and the packet as the program left it.
+    /// Run one packet; returns the action (TC's as the XDP action of the same meaning) and
+    /// the packet as the program left it.
     fn run(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let _in = self.ns.enter();
         let mut out = vec![0u8; pkt.len() + 256];
-        let r = self
-            .dp
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        assert_ne!(r.return_value, 0, "XDP_ABORTED on {pkt:02x?}");
-        (r.return_value, out)
+        match self.kind {
+            Kind::Xdp => {
+                let r = self
+                    .dp
+                    .program()
+                    .test_run(TestRunOptions {
+                        data_in: Some(pkt),
+                        data_out: Some(&mut out),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                out.truncate(r.data_size_out as usize);
+                assert_ne!(r.return_value, 0, "XDP_ABORTED on {pkt:02x?}");
+                (r.return_value, out)
+            }
+            Kind::Tc => {
+                let skb = ingress_skb(1);
+                let r = self
+                    .dp
+                    .tc_program()
+                    .test_run(TestRunOptions {
+                        data_in: Some(pkt),
+                        data_out: Some(&mut out),
+                        ctx_in: Some(&skb),
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                out.truncate(r.data_size_out as usize);
+                let action = match r.return_value {
+                    TC_ACT_OK => XDP_PASS,
+                    TC_ACT_REDIRECT => XDP_REDIRECT,
+                    other => panic!("TC action {other} on {pkt:02x?}"),
+                };
+                (action, out)
+            }
+        }
     }
 
     /// Reprogram the maps from CONFIG without web4's experiment backend.
@@ -181,9 +232,8 @@ fn client_for(f: &Fixture, service: &str, want: &str, v6: bool, port: u16) -> St
         .expect("some client picks the wanted backend")
 }
 
-#[test]
-fn new_ipv4_tcp_flow_is_dnatted_to_its_backend_and_counted() {
-    let mut f = Fixture::new();
+fn new_ipv4_tcp_flow_is_dnatted_to_its_backend_and_counted(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::tcp("198.51.100.7:40000", "10.200.0.100:80");
     let (name, backend) = f.pick("web4", "198.51.100.7:40000");
     let (action, out) = f.run(&input.build());
@@ -194,9 +244,8 @@ fn new_ipv4_tcp_flow_is_dnatted_to_its_backend_and_counted() {
     assert_eq!(f.backend_new_flows("web4", &name), 1);
 }
 
-#[test]
-fn established_flow_keeps_its_backend_when_it_leaves_the_config() {
-    let mut f = Fixture::new();
+fn established_flow_keeps_its_backend_when_it_leaves_the_config(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let client = client_for(&f, "web4", "experiment", false, 41000);
     let input = Spec::tcp(&client, "10.200.0.100:80");
     let experiment: SocketAddr = "10.200.3.2:8080".parse().unwrap();
@@ -246,10 +295,9 @@ fn pin_to_one_cpu() {
     }
 }
 
-#[test]
-fn established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it() {
+fn established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it(kind: Kind) {
     pin_to_one_cpu();
-    let mut f = Fixture::new();
+    let mut f = Fixture::new(kind);
     let client = client_for(&f, "web4", "experiment", false, 41100);
     let syn = Spec::tcp(&client, "10.200.0.100:80");
     let data = Spec {
@@ -295,9 +343,8 @@ fn established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it() {
     );
 }
 
-#[test]
-fn reply_from_backend_is_rewritten_to_the_service_address() {
-    let mut f = Fixture::new();
+fn reply_from_backend_is_rewritten_to_the_service_address(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::tcp("198.51.100.9:40001", "10.200.0.100:80");
     let (_, backend) = f.pick("web4", "198.51.100.9:40001");
     f.run(&input.build());
@@ -320,9 +367,8 @@ fn reply_from_backend_is_rewritten_to_the_service_address() {
     assert_eq!(f.stat("reverse_nat"), 1);
 }
 
-#[test]
-fn ipv4_with_options_is_rewritten_and_options_kept() {
-    let mut f = Fixture::new();
+fn ipv4_with_options_is_rewritten_and_options_kept(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let mut input = Spec::tcp("198.51.100.10:40002", "10.200.0.100:80");
     // NOPs and an end-of-list: IHL 7.
     input.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0];
@@ -332,9 +378,8 @@ fn ipv4_with_options_is_rewritten_and_options_kept() {
     assert_eq!(out, expected_dnat(&input, backend));
 }
 
-#[test]
-fn ipv6_tcp_flow_is_dnatted() {
-    let mut f = Fixture::new();
+fn ipv6_tcp_flow_is_dnatted(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::tcp("[fd00:1::7]:40003", "[fd00::100]:80");
     let (_, backend) = f.pick("web6", "[fd00:1::7]:40003");
     let (action, out) = f.run(&input.build());
@@ -342,9 +387,8 @@ fn ipv6_tcp_flow_is_dnatted() {
     assert_eq!(out, expected_dnat(&input, backend));
 }
 
-#[test]
-fn udp_v4_and_v6_flows_are_dnatted_with_checksums() {
-    let mut f = Fixture::new();
+fn udp_v4_and_v6_flows_are_dnatted_with_checksums(kind: Kind) {
+    let mut f = Fixture::new(kind);
     for (svc, client, vip) in [
         ("dns4", "198.51.100.11:5000", "10.200.0.100:53"),
         ("dns6", "[fd00:1::11]:5000", "[fd00::100]:53"),
@@ -362,9 +406,8 @@ fn udp_v4_and_v6_flows_are_dnatted_with_checksums() {
     assert_eq!(f.stat("forwarded"), 6);
 }
 
-#[test]
-fn udp_without_checksum_stays_without_checksum() {
-    let mut f = Fixture::new();
+fn udp_without_checksum_stays_without_checksum(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::udp("198.51.100.12:5001", "10.200.0.100:53");
     let (_, backend) = f.pick("dns4", "198.51.100.12:5001");
     let mut pkt = input.build();
@@ -380,9 +423,8 @@ fn udp_without_checksum_stays_without_checksum() {
     }
 }
 
-#[test]
-fn data_packets_of_an_established_tcp_flow_are_rewritten_both_ways() {
-    let mut f = Fixture::new();
+fn data_packets_of_an_established_tcp_flow_are_rewritten_both_ways(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let client = "198.51.100.50:40050";
     let syn = Spec::tcp(client, "10.200.0.100:80");
     let (name, backend) = f.pick("web4", client);
@@ -452,9 +494,8 @@ fn data_packets_of_an_established_tcp_flow_are_rewritten_both_ways() {
     );
 }
 
-#[test]
-fn vlan_tagged_flow_is_rewritten_and_handed_to_the_stack() {
-    let mut f = Fixture::new();
+fn vlan_tagged_flow_is_rewritten_and_handed_to_the_stack(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let mut input = Spec::tcp("198.51.100.13:40004", "10.200.0.100:80");
     input.vlan = Some(42);
     let (_, backend) = f.pick("web4", "198.51.100.13:40004");
@@ -469,9 +510,8 @@ fn vlan_tagged_flow_is_rewritten_and_handed_to_the_stack() {
     assert_eq!(f.stat("nat_then_stack"), 1);
 }
 
-#[test]
-fn expiring_ttl_is_left_to_the_stack_after_rewrite() {
-    let mut f = Fixture::new();
+fn expiring_ttl_is_left_to_the_stack_after_rewrite(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let mut input = Spec::tcp("198.51.100.14:40005", "10.200.0.100:80");
     input.ttl = 1;
     let (_, backend) = f.pick("web4", "198.51.100.14:40005");
@@ -487,9 +527,8 @@ fn expiring_ttl_is_left_to_the_stack_after_rewrite() {
     );
 }
 
-#[test]
-fn icmp_frag_needed_for_a_tracked_flow_reaches_the_backend() {
-    let mut f = Fixture::new();
+fn icmp_frag_needed_for_a_tracked_flow_reaches_the_backend(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let client = "198.51.100.20:40010";
     let (_, backend) = f.pick("web4", client);
     f.run(&Spec::tcp(client, "10.200.0.100:80").build());
@@ -529,9 +568,8 @@ fn icmp_frag_needed_for_a_tracked_flow_reaches_the_backend() {
     assert_eq!(f.stat("icmp_translated"), 1);
 }
 
-#[test]
-fn icmpv6_packet_too_big_for_a_tracked_flow_reaches_the_backend() {
-    let mut f = Fixture::new();
+fn icmpv6_packet_too_big_for_a_tracked_flow_reaches_the_backend(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let client = "[fd00:1::20]:40011";
     let (_, backend) = f.pick("web6", client);
     f.run(&Spec::tcp(client, "[fd00::100]:80").build());
@@ -568,9 +606,8 @@ fn icmpv6_packet_too_big_for_a_tracked_flow_reaches_the_backend() {
     assert_eq!(out, want);
 }
 
-#[test]
-fn icmp_for_an_untracked_flow_passes_untouched() {
-    let mut f = Fixture::new();
+fn icmp_for_an_untracked_flow_passes_untouched(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let quoted = Spec::tcp("10.200.0.100:80", "198.51.100.21:40012").ip_bytes();
     let mut v = Vec::new();
     PacketBuilder::ethernet2(GATEWAY_MAC, LB_CLIENT_MAC)
@@ -583,9 +620,8 @@ fn icmp_for_an_untracked_flow_passes_untouched() {
     assert_eq!(f.run(&v), (XDP_PASS, v.clone()));
 }
 
-#[test]
-fn fragments_pass_untouched() {
-    let mut f = Fixture::new();
+fn fragments_pass_untouched(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::tcp("198.51.100.22:40013", "10.200.0.100:80");
     // IPv4: more-fragments set, then a non-zero offset.
     for (byte6, byte7) in [(0x20u8, 0u8), (0x00, 0x10)] {
@@ -609,17 +645,21 @@ fn fragments_pass_untouched() {
     assert_eq!(f.stat("new_flow"), 0);
 }
 
-#[test]
-fn truncated_and_malformed_packets_pass_untouched() {
-    let mut f = Fixture::new();
+fn truncated_and_malformed_packets_pass_untouched(kind: Kind) {
+    let mut f = Fixture::new(kind);
     for spec in [
         Spec::tcp("198.51.100.23:40014", "10.200.0.100:80"),
         Spec::tcp("[fd00:1::23]:40014", "[fd00::100]:80"),
         Spec::udp("198.51.100.23:40014", "10.200.0.100:53"),
     ] {
         let pkt = spec.build();
-        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (as a NIC would).
-        for len in 14..pkt.len() {
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (as a NIC would);
+        // for a socket buffer it also refuses an IP frame without a whole fixed IP header.
+        let min = match kind {
+            Kind::Xdp => 14,
+            Kind::Tc => l3_offset(&spec) + if spec.src.is_ipv4() { 20 } else { 40 },
+        };
+        for len in min..pkt.len() {
             let cut = &pkt[..len];
             let (action, out) = f.run(cut);
             assert_eq!((action, &out[..]), (XDP_PASS, cut), "cut at {len}");
@@ -635,9 +675,8 @@ fn truncated_and_malformed_packets_pass_untouched() {
     assert_eq!(f.stat("new_flow"), 0);
 }
 
-#[test]
-fn non_service_traffic_passes_untouched() {
-    let mut f = Fixture::new();
+fn non_service_traffic_passes_untouched(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let mut icmp_echo = Vec::new();
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4([198, 51, 100, 1], [10, 200, 0, 100], 64)
@@ -663,18 +702,16 @@ fn non_service_traffic_passes_untouched() {
     assert_eq!(f.stat("new_flow"), 0);
 }
 
-#[test]
-fn service_without_backends_is_passed_to_the_stack() {
+fn service_without_backends_is_passed_to_the_stack(kind: Kind) {
     let yaml = "services:\n  - name: empty\n    listen: 10.200.0.100:80/tcp\n    split: { backends: [] }\n";
-    let mut f = Fixture::with_config(yaml);
+    let mut f = Fixture::with_config(kind, yaml);
     let pkt = Spec::tcp("198.51.100.26:40017", "10.200.0.100:80").build();
     assert_eq!(f.run(&pkt), (XDP_PASS, pkt.clone()));
     assert_eq!(f.stat("no_backend"), 1);
 }
 
-#[test]
-fn kernel_userspace_and_simulate_pick_the_same_backend_for_10000_clients() {
-    let mut f = Fixture::new();
+fn kernel_userspace_and_simulate_pick_the_same_backend_for_10000_clients(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let clients: Vec<SocketAddr> = ambassador::simulate::clients(10_000, false, 7).collect();
     let svc = f.plan.service("web4").unwrap().clone();
     let userspace = ambassador::dataplane::userspace::ServiceRuntime {
@@ -720,9 +757,8 @@ fn fix_ipv4_checksum(pkt: &mut [u8], l3: usize) {
     pkt[l3 + 10..l3 + 12].copy_from_slice(&(!(s as u16)).to_be_bytes());
 }
 
-#[test]
-fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change() {
-    let mut f = Fixture::new();
+fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let input = Spec::tcp("198.51.100.30:40020", "10.200.0.100:80");
     let (_, backend) = f.pick("web4", "198.51.100.30:40020");
     // New flow, then the route is looked up and cached, then used from the cache.
@@ -756,7 +792,7 @@ fn established_flow_uses_its_cached_route_and_follows_a_neighbour_change() {
 
 #[test]
 fn flow_clock_counts_the_kernels_jiffies_and_stamps_flows() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new(Kind::Xdp);
     let hz = *ambassador::dataplane::kernel::kernel_hz();
     assert!(
         [100, 250, 300, 1000].contains(&hz),
@@ -788,9 +824,8 @@ fn flow_clock_counts_the_kernels_jiffies_and_stamps_flows() {
     }
 }
 
-#[test]
-fn packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack() {
-    let mut f = Fixture::new();
+fn packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack(kind: Kind) {
+    let mut f = Fixture::new(kind);
     let small = Spec::tcp("198.51.100.31:40021", "10.200.0.100:80");
     let (_, backend) = f.pick("web4", "198.51.100.31:40021");
     f.run(&small.build());
@@ -815,11 +850,10 @@ fn packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack() {
     assert_eq!(f.run(&small.build()).0, XDP_REDIRECT);
 }
 
-#[test]
-fn l4_header_cut_by_the_ip_length_passes_untouched() {
+fn l4_header_cut_by_the_ip_length_passes_untouched(kind: Kind) {
     // Found by the packet fuzzer: the frame holds a whole UDP header, but the IP payload length
     // says 7 bytes, so the datagram is malformed and must not be rewritten.
-    let mut f = Fixture::new();
+    let mut f = Fixture::new(kind);
     for spec in [
         Spec::udp("[fd00:1::d62]:1275", "[fd00::100]:53"),
         Spec::udp("198.51.100.40:1275", "10.200.0.100:53"),
@@ -841,3 +875,40 @@ fn l4_header_cut_by_the_ip_length_passes_untouched() {
     }
     assert_eq!(f.stat("new_flow"), 0);
 }
+
+/// Each fixture as a test of each program: `xdp::NAME` and `tc::NAME`.
+macro_rules! on_both_programs {
+    ($($name:ident),* $(,)?) => {
+        mod xdp {
+            $(#[test] fn $name() { super::$name(super::Kind::Xdp) })*
+        }
+        mod tc {
+            $(#[test] fn $name() { super::$name(super::Kind::Tc) })*
+        }
+    };
+}
+
+on_both_programs!(
+    new_ipv4_tcp_flow_is_dnatted_to_its_backend_and_counted,
+    established_flow_keeps_its_backend_when_it_leaves_the_config,
+    established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it,
+    reply_from_backend_is_rewritten_to_the_service_address,
+    ipv4_with_options_is_rewritten_and_options_kept,
+    ipv6_tcp_flow_is_dnatted,
+    udp_v4_and_v6_flows_are_dnatted_with_checksums,
+    udp_without_checksum_stays_without_checksum,
+    data_packets_of_an_established_tcp_flow_are_rewritten_both_ways,
+    vlan_tagged_flow_is_rewritten_and_handed_to_the_stack,
+    expiring_ttl_is_left_to_the_stack_after_rewrite,
+    icmp_frag_needed_for_a_tracked_flow_reaches_the_backend,
+    icmpv6_packet_too_big_for_a_tracked_flow_reaches_the_backend,
+    icmp_for_an_untracked_flow_passes_untouched,
+    fragments_pass_untouched,
+    truncated_and_malformed_packets_pass_untouched,
+    non_service_traffic_passes_untouched,
+    service_without_backends_is_passed_to_the_stack,
+    kernel_userspace_and_simulate_pick_the_same_backend_for_10000_clients,
+    established_flow_uses_its_cached_route_and_follows_a_neighbour_change,
+    packet_over_the_egress_mtu_on_an_established_flow_goes_to_the_stack,
+    l4_header_cut_by_the_ip_length_passes_untouched,
+);

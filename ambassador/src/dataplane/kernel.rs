@@ -1,6 +1,7 @@
-//! The kernel data plane: loads the XDP program, attaches it, and writes [`Plan`]s into its maps
-//! (layout documented in `ambassador_ebpf`). This module and the eBPF crate are the only places
-//! that touch the kernel boundary.
+//! The kernel data plane: loads the XDP and TC programs (one object, one set of maps), attaches
+//! them ([`super::attach`] says which goes where), and writes [`Plan`]s into their maps (layout
+//! documented in `ambassador_ebpf`). This module, `attach` and the eBPF crate are the only
+//! places that touch the kernel boundary.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,15 +16,14 @@ use ambassador_ebpf::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, MapType, PerCpuArray},
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-        Xdp, XdpMode,
-    },
+    programs::{SchedClassifier, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 
-use super::Plan;
+use super::{
+    attach::{self, AttachMode, Attachment, Program, TC_PROGRAM},
+    Plan,
+};
 use crate::select::wire_addr;
 
 /// The compiled eBPF object, embedded at build time.
@@ -31,15 +31,18 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambassador-xdp"));
 
 pub const PROGRAM: &str = "ambassador_xdp";
+/// The same decisions for socket buffers (clsact ingress): see [`super::attach`].
+pub const PROGRAM_TC: &str = TC_PROGRAM;
 /// The program that reads the kernel's jiffies for userspace (test-run, never attached).
 pub const CLOCK_PROBE: &str = "clock_probe";
 
 /// Names of the maps, as pinned under the pin directory.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     "SERVICES",
     "BACKENDS",
     "RINGS",
     "FLOWS",
+    "XDP_EGRESS",
     "ADDR_FILTER",
     "BACKEND_STATS",
     "GLOBAL_STATS",
@@ -76,11 +79,6 @@ fn adopted_layout(name: &str) -> (MapType, u32, u32, u32) {
 /// The marker directory naming the layout of the maps pinned beside it.
 fn layout_marker(dir: &Path) -> PathBuf {
     dir.join(format!("layout-{LAYOUT_VERSION}"))
-}
-
-/// Where the XDP link of `iface` is pinned: it keeps the program attached while no daemon runs.
-fn link_pin(dir: &Path, iface: &str) -> PathBuf {
-    dir.join(format!("link-xdp-{iface}"))
 }
 
 /// What a daemon found in its pin directory at start.
@@ -161,8 +159,8 @@ pub fn check_adoptable(dir: &Path) -> Result<Option<u32>> {
     Ok(flows_size.or(Some(ambassador_ebpf::FLOW_TABLE_SIZE)))
 }
 
-/// Remove everything a daemon pinned under `dir`: XDP links (which detaches the program from
-/// their interfaces), maps and the layout marker. Returns what was removed.
+/// Remove everything a daemon pinned under `dir`: its attachments (which takes the programs
+/// off their interfaces), maps and the layout marker. Returns what was removed.
 pub fn detach(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let rd = match std::fs::read_dir(dir) {
@@ -171,7 +169,7 @@ pub fn detach(dir: &Path) -> Result<Vec<PathBuf>> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
     };
     let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-    // Links first, so no program runs on maps being removed.
+    // Attachments first, so no program runs on maps being removed.
     entries.sort_by_key(|p| {
         !p.file_name()
             .and_then(|n| n.to_str())
@@ -179,10 +177,11 @@ pub fn detach(dir: &Path) -> Result<Vec<PathBuf>> {
     });
     for p in entries {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let ours = name.starts_with("link-xdp-")
-            || name.starts_with("prog-")
-            || name.starts_with("layout-")
-            || MAPS.contains(&name);
+        if attach::remove(dir, name)?.is_some() {
+            removed.push(p);
+            continue;
+        }
+        let ours = name.starts_with("prog-") || name.starts_with("layout-") || MAPS.contains(&name);
         if !ours {
             continue;
         }
@@ -225,7 +224,9 @@ pub struct Ids {
 
 pub struct KernelDataplane {
     ebpf: Ebpf,
-    links: Vec<String>,
+    links: Vec<Attachment>,
+    /// Interfaces already warned about XDP on a veth.
+    warned_veth: HashSet<String>,
     services: HashMap<String, LiveService>,
     backends: HashMap<BackendIdentity, u32>,
     /// What each ring holds, so a reload writes only the slots that change.
@@ -377,6 +378,11 @@ impl KernelDataplane {
         dp.program()
             .pin(&prog_pin)
             .with_context(|| format!("pinning the XDP program at {}", prog_pin.display()))?;
+        let tc_pin = dir.join(format!("prog-{PROGRAM_TC}"));
+        let _ = std::fs::remove_file(&tc_pin);
+        dp.tc_program()
+            .pin(&tc_pin)
+            .with_context(|| format!("pinning the TC program at {}", tc_pin.display()))?;
         // And the clock probe, so `status` reads flow ages in the program's clock.
         let probe_pin = dir.join(format!("prog-{CLOCK_PROBE}"));
         let _ = std::fs::remove_file(&probe_pin);
@@ -435,6 +441,12 @@ impl KernelDataplane {
             .try_into()?;
         prog.load()
             .map_err(|e| anyhow::anyhow!("the kernel rejected the XDP program: {e:#?}"))?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM_TC)
+            .context("the eBPF object has no TC program")?
+            .try_into()?;
+        tc.load()
+            .map_err(|e| anyhow::anyhow!("the kernel rejected the TC program: {e:#?}"))?;
         let probe: &mut Xdp = ebpf
             .program_mut(CLOCK_PROBE)
             .context("the eBPF object has no clock probe")?
@@ -445,6 +457,7 @@ impl KernelDataplane {
         Ok(KernelDataplane {
             ebpf,
             links: Vec::new(),
+            warned_veth: HashSet::new(),
             services: HashMap::new(),
             backends: HashMap::new(),
             rings: HashMap::new(),
@@ -487,6 +500,15 @@ impl KernelDataplane {
             .expect("program is XDP")
     }
 
+    /// The loaded TC program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn tc_program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(PROGRAM_TC)
+            .expect("program present since load")
+            .try_into()
+            .expect("program is SCHED_CLS")
+    }
+
     /// The loaded clock probe.
     fn clock_probe(&mut self) -> &mut Xdp {
         self.ebpf
@@ -506,72 +528,108 @@ impl KernelDataplane {
         &mut self.ebpf
     }
 
-    /// Attach to an interface; `mode` None lets the kernel choose (native where the driver has
-    /// it, generic otherwise).
+    /// Attach the program `mode` calls for to an interface: with [`AttachMode::Auto`], native
+    /// XDP where the driver has it and the device is not a veth, TC otherwise. `xdp_mode`
+    /// (None: the kernel chooses) applies to [`AttachMode::Xdp`].
     ///
-    /// With a pin directory, the link is pinned there so the program stays attached (and keeps
-    /// forwarding) while no daemon runs; a link a previous daemon pinned is taken over by
+    /// With a pin directory the attachment is pinned there so the program stays attached (and
+    /// keeps forwarding) while no daemon runs; one a previous daemon pinned is taken over by
     /// replacing its program atomically, so no packet sees the interface without one.
-    pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<()> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        xdp_mode: Option<XdpMode>,
+    ) -> Result<Program> {
         check_interface(iface)?;
-        let Some(dir) = self.pinned.clone() else {
-            self.program()
-                .attach(iface, mode.unwrap_or_default())
-                .with_context(|| format!("attaching XDP to {iface}"))?;
-            self.links.push(iface.to_string());
-            return Ok(());
+        let dir = self.pinned.clone();
+        let veth = attach::driver(iface).as_deref() == Some("veth");
+        let program = match mode {
+            AttachMode::Tc => Program::Tc,
+            AttachMode::Xdp => Program::Xdp,
+            AttachMode::Auto if veth => Program::Tc,
+            AttachMode::Auto => {
+                self.allow_xdp_egress(iface)?;
+                match attach::attach_xdp(self.program(), iface, XdpMode::Driver, dir.as_deref()) {
+                    Ok(()) => {
+                        self.links.push(Attachment {
+                            interface: iface.to_string(),
+                            program: Program::Xdp,
+                        });
+                        return Ok(Program::Xdp);
+                    }
+                    Err(e) => {
+                        self.forbid_xdp_egress(iface)?;
+                        tracing::info!(
+                            "{iface}: no native XDP ({e:#}); attaching the TC program instead of generic XDP"
+                        );
+                        Program::Tc
+                    }
+                }
+            }
         };
-        let pin = link_pin(&dir, iface);
-        if pin.exists() {
-            let replaced = PinnedLink::from_pin(&pin)
-                .map_err(anyhow::Error::from)
-                .and_then(|l| Ok(XdpLink::try_from(FdLink::from(l))?))
-                .and_then(|l| Ok(self.program().attach_to_link(l)?));
-            match replaced {
-                Ok(_) => {
-                    self.links.push(iface.to_string());
-                    return Ok(());
+        match program {
+            Program::Xdp => {
+                if veth && self.warned_veth.insert(iface.to_string()) {
+                    tracing::warn!(
+                        "{iface} is a veth: XDP on it forwards only what its peer can take. The \
+                         peer needs GRO on (`ethtool -K PEER gro on`), or redirected frames are \
+                         dropped, and TX checksum offload off (`ethtool -K PEER tx off`), or \
+                         what it sends (CHECKSUM_PARTIAL) is forwarded with a wrong checksum. \
+                         `--attach auto` (or tc) runs the TC program, which needs neither"
+                    );
                 }
-                Err(e) => {
-                    // A link whose interface went away cannot be updated: start afresh.
-                    tracing::warn!("taking over the XDP link pinned for {iface} failed ({e:#}); attaching anew");
-                    let _ = std::fs::remove_file(&pin);
-                }
+                // Before the program is: a program taking over a pinned link must find it.
+                self.allow_xdp_egress(iface)?;
+                attach::attach_xdp(
+                    self.program(),
+                    iface,
+                    xdp_mode.unwrap_or_default(),
+                    dir.as_deref(),
+                )?
             }
+            Program::Tc => attach::attach_tc(self.tc_program(), iface, dir.as_deref())?,
         }
-        let id = self
-            .program()
-            .attach(iface, mode.unwrap_or_default())
-            .with_context(|| format!("attaching XDP to {iface}"))?;
-        let link = self.program().take_link(id)?;
-        match FdLink::try_from(link) {
-            Ok(fd) => {
-                fd.pin(&pin)
-                    .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
-            }
-            Err(e) => {
-                // Netlink attachments (kernels before 5.9) cannot be pinned; the program then
-                // detaches when this process exits.
-                bail!("the kernel attached XDP to {iface} without a BPF link ({e}); a pinned, restartable attachment needs Linux 5.9 or later")
-            }
-        }
-        self.links.push(iface.to_string());
+        self.links.push(Attachment {
+            interface: iface.to_string(),
+            program,
+        });
+        Ok(program)
+    }
+
+    /// Let the XDP program redirect packets to `iface` (`XDP_EGRESS`): it has the XDP program,
+    /// so its driver takes XDP frames. Toward other interfaces XDP lets the stack forward.
+    pub fn allow_xdp_egress(&mut self, iface: &str) -> Result<()> {
+        let idx = ifindex(iface)?;
+        let mut m: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(map_mut(&mut self.ebpf, "XDP_EGRESS")?)?;
+        m.insert(idx, 1, 0)
+            .with_context(|| format!("adding {iface} to XDP_EGRESS"))
+    }
+
+    fn forbid_xdp_egress(&mut self, iface: &str) -> Result<()> {
+        let idx = ifindex(iface)?;
+        let mut m: BpfHashMap<_, u32, u32> =
+            BpfHashMap::try_from(map_mut(&mut self.ebpf, "XDP_EGRESS")?)?;
+        let _ = m.remove(&idx);
         Ok(())
     }
 
-    /// Detach interfaces a previous daemon pinned and this one does not serve any more.
-    pub fn release_other_links(&self) -> Result<Vec<String>> {
+    /// Detach what a previous daemon pinned and this one does not use any more: interfaces no
+    /// longer configured, and the other program on an interface that changed programs.
+    pub fn release_other_links(&self) -> Result<Vec<Attachment>> {
         let Some(dir) = &self.pinned else {
             return Ok(Vec::new());
         };
         let mut released = Vec::new();
         for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(iface) = name.strip_prefix("link-xdp-") {
-                if !self.links.iter().any(|l| l == iface) {
-                    std::fs::remove_file(e.path())?;
-                    released.push(iface.to_string());
-                }
+            let Some(a) = attach::pinned(&name) else {
+                continue;
+            };
+            if !self.links.contains(&a) {
+                attach::remove(dir, &name)?;
+                released.push(a);
             }
         }
         Ok(released)
@@ -615,7 +673,8 @@ impl KernelDataplane {
         Ok(())
     }
 
-    pub fn interfaces(&self) -> Vec<String> {
+    /// Where each program is attached.
+    pub fn attachments(&self) -> Vec<Attachment> {
         self.links.clone()
     }
 
@@ -995,17 +1054,28 @@ fn raise_memlock_limit() {
     }
 }
 
-/// Fail with a fix when `iface` does not exist in this network namespace.
-pub fn check_interface(iface: &str) -> Result<()> {
+/// `iface`'s index in this network namespace.
+fn ifindex(iface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(iface).context("interface name has a NUL byte")?;
     // SAFETY: if_nametoindex reads a valid C string; it resolves in our network namespace.
-    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-        bail!("interface {iface} does not exist (see `ip link show`); fix `interfaces:` or --interface");
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("interface {iface} does not exist (see `ip link show`); fix `interfaces:` or --interface"),
+        i => Ok(i),
     }
-    Ok(())
 }
 
-/// Checks that make `run` fail early with a fix instead of a kernel error code.
+/// Whether `iface` exists in this network namespace.
+pub fn interface_exists(iface: &str) -> bool {
+    ifindex(iface).is_ok()
+}
+
+/// Fail with a fix when `iface` does not exist in this network namespace.
+pub fn check_interface(iface: &str) -> Result<()> {
+    ifindex(iface).map(|_| ())
+}
+
+/// Checks that make `run` fail early with a fix instead of a kernel error code, and the bpf
+/// filesystem the pins need: mounted where it is missing, as Cilium's agent does.
 pub fn preflight(pin_dir: &Path) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -1015,13 +1085,48 @@ pub fn preflight(pin_dir: &Path) -> Result<()> {
     }
     let bpffs = pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     if !is_bpffs(bpffs) {
-        bail!(
-            "{} is not a mounted bpf filesystem: mount it with `mount -t bpf bpf {}`",
-            bpffs.display(),
-            bpffs.display()
-        );
+        std::fs::create_dir_all(bpffs)
+            .with_context(|| format!("creating {} to mount bpffs on", bpffs.display()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!(
+                "{} is not a bpf filesystem and mounting one there failed: mount it with `mount -t bpf bpf {}`",
+                bpffs.display(),
+                bpffs.display()
+            )
+        })?;
+        tracing::info!("mounted a bpf filesystem at {}", bpffs.display());
+        // A mount made in a mount namespace of our own (as `ip netns exec` gives, remounting
+        // /sys and so hiding the host's bpffs) is seen only by this process.
+        if private_mount_namespace() {
+            tracing::warn!(
+                "this process has a mount namespace of its own, without the host's bpf \
+                 filesystem (as `ip netns exec` gives, remounting /sys): the pins under {} are \
+                 seen only inside it, so pinned state will not outlive this process and a \
+                 restart cannot adopt its flows. Enter the network namespace with `nsenter \
+                 --net=/run/netns/NAME` instead, which keeps the host's mounts",
+                pin_dir.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// Whether this process's mount namespace differs from init's (pid 1's, where one can tell).
+fn private_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(ours), Ok(init)) => ours != init,
+        _ => false,
+    }
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -4,6 +4,7 @@
 //! [`kernel`] writes plans into the XDP program's maps; [`userspace`] proxies with them. Both `simulate` and the tests use the
 //! same [`Plan`], so their choices are the kernel's.
 
+pub mod attach;
 pub mod kernel;
 pub mod packet;
 pub mod userspace;

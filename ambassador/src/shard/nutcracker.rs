@@ -144,6 +144,8 @@ pub fn import(text: &str) -> Result<Config, String> {
     }
     Ok(Config {
         interfaces: Vec::new(),
+        attach: Default::default(),
+        attach_by_interface: Default::default(),
         services,
         gitsync: Vec::new(),
         resolvers: None,
