@@ -67,3 +67,11 @@ pub fn forwarding_netns() -> Netns {
 
     ns
 }
+
+/// Let the XDP program redirect to the fixture's two interfaces (`XDP_EGRESS`), as if XDP ran
+/// on both; call it inside the fixture's namespace.
+pub fn allow_fixture_egress(dp: &mut ambassador::dataplane::kernel::KernelDataplane) {
+    for dev in ["be0", "cl0"] {
+        dp.allow_xdp_egress(dev).expect("XDP_EGRESS");
+    }
+}

@@ -205,7 +205,7 @@ impl Topology {
     }
 
     /// Start nginx in both backend namespaces; each answers `NAME CLIENT-ADDRESS` on port 80,
-    /// `NAME-81 CLIENT-ADDRESS` on port 81 (a third backend for three-way splits).
+    /// `NAME-8081 CLIENT-ADDRESS` on port 8081 (a third backend for three-way splits).
     pub fn start_nginx(&mut self, workers: u32) {
         for (ns, name) in [(&self.web, "web"), (&self.exp, "experiment")] {
             let d = self.dir.join(format!("nginx-{name}"));
@@ -231,9 +231,9 @@ http {{
     location = /healthz {{ if (-f {d}/down) {{ return 503; }} return 200 \"ok\\n\"; }}
   }}
   server {{
-    listen 81;
-    listen [::]:81;
-    location / {{ default_type text/plain; return 200 \"{name}-81 $remote_addr\n\"; }}
+    listen 8081;
+    listen [::]:8081;
+    location / {{ default_type text/plain; return 200 \"{name}-8081 $remote_addr\n\"; }}
   }}
   server {{
     listen 8080 proxy_protocol;

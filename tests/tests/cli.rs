@@ -92,7 +92,7 @@ fn run_with_a_missing_interface_says_so_in_one_line() {
             "-i",
             "nosuch0",
             "--dataplane",
-            "xdp",
+            "kernel",
         ])
         .args(["--state-dir", &format!("/tmp/amb-cli-state-{}", ns.name)])
         .args(["--pin-dir", &format!("/sys/fs/bpf/amb-cli-{}", ns.name)])
@@ -109,19 +109,36 @@ fn run_with_a_missing_interface_says_so_in_one_line() {
 }
 
 #[test]
-fn run_without_bpffs_tells_how_to_mount_it() {
+fn run_mounts_bpffs_where_there_is_none_and_says_so() {
     require_root();
+    let base = format!("/tmp/amb-no-bpffs-{}", std::process::id());
     let (code, _, err) = amb(&[
         "run",
         "--config",
         example().to_str().unwrap(),
+        "-i",
+        "nosuch0",
         "--dataplane",
-        "xdp",
+        "kernel",
         "--pin-dir",
-        "/tmp/not-bpffs/ambassador",
+        &format!("{base}/ambassador"),
     ]);
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T", &base])
+        .output()
+        .unwrap();
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_string();
+    // Ours to remove: the daemon mounted it for this test.
+    let _ = Command::new("umount").arg(&base).status();
+    let _ = std::fs::remove_dir_all(&base);
+    assert_eq!(fs, "bpf_fs", "no bpf filesystem at {base}: {err}");
+    assert!(
+        err.contains(&format!("mounted a bpf filesystem at {base}")),
+        "{err}"
+    );
+    // It went on to the next check.
     assert_eq!(code, 1);
-    assert!(err.contains("mount -t bpf bpf /tmp/not-bpffs"), "{err}");
+    assert!(err.contains("interface nosuch0 does not exist"), "{err}");
 }
 
 #[test]
@@ -135,7 +152,7 @@ fn run_without_privileges_says_what_it_needs() {
             "--config",
             example().to_str().unwrap(),
             "--dataplane",
-            "xdp",
+            "kernel",
         ])
         .output()
         .unwrap();
@@ -168,7 +185,7 @@ fn auto_falls_back_to_userspace_with_a_warning_that_says_why() {
     let text = std::fs::read_to_string(&log).unwrap();
     let warning = text
         .lines()
-        .find(|l| l.contains("XDP unavailable"))
+        .find(|l| l.contains("the kernel data plane is unavailable"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(
         warning.contains("interface nosuch0 does not exist"),

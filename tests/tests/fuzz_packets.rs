@@ -23,8 +23,8 @@ use ambassador::{
     },
 };
 use ambassador_tests::{
-    fixture::forwarding_netns,
-    packets::{Spec, ACK, FIN, PSH, RST, SYN},
+    fixture::{allow_fixture_egress, forwarding_netns},
+    packets::{ingress_skb, Spec, ACK, FIN, PSH, RST, SYN},
 };
 use aya::programs::{TestRun, TestRunOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -291,6 +291,23 @@ fn mutate(rng: &mut StdRng, mut p: Vec<u8>) -> Vec<u8> {
 
 #[test]
 fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
+    fuzz(Kind::Xdp);
+}
+
+#[test]
+fn a_million_random_and_mutated_packets_through_tc_are_never_misrouted() {
+    fuzz(Kind::Tc);
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Xdp,
+    Tc,
+}
+
+/// The fuzzer on one program. TC's actions are read as the XDP actions of the same meaning
+/// (`TC_ACT_OK` as `XDP_PASS`, `TC_ACT_REDIRECT` as `XDP_REDIRECT`).
+fn fuzz(kind: Kind) {
     ambassador_tests::require_root();
     let n: u64 = std::env::var("AMB_FUZZ_PACKETS")
         .ok()
@@ -306,6 +323,8 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
     let plan = Plan::build(&cfg);
     let mut dp = KernelDataplane::load().unwrap();
     dp.apply(&plan).unwrap();
+    allow_fixture_egress(&mut dp);
+    let skb = ingress_skb(1);
     let backends: HashSet<SocketAddr> = plan
         .services
         .iter()
@@ -315,7 +334,7 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
     let backend_ips: HashSet<IpAddr> = backends.iter().map(|b| b.ip()).collect();
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut rewritten, mut untouched, mut predicted) = (0u64, 0u64, 0u64);
+    let (mut rewritten, mut untouched, mut predicted, mut refused) = (0u64, 0u64, 0u64, 0u64);
     let mut out = vec![0u8; 2048];
     for i in 0..n {
         let input = match rng.gen_range(0..20) {
@@ -333,22 +352,49 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
                 mutate(&mut rng, t)
             }
         };
-        let r = dp
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .unwrap();
-        let output = &out[..r.data_size_out as usize];
+        let (action, size) = match kind {
+            Kind::Xdp => {
+                let r = dp
+                    .program()
+                    .test_run(TestRunOptions {
+                        data_in: Some(&input),
+                        data_out: Some(&mut out),
+                        ..TestRunOptions::new()
+                    })
+                    .unwrap();
+                (r.return_value, r.data_size_out)
+            }
+            Kind::Tc => {
+                let r = dp.tc_program().test_run(TestRunOptions {
+                    data_in: Some(&input),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&skb),
+                    ..TestRunOptions::new()
+                });
+                match r {
+                    Ok(r) => (
+                        match r.return_value {
+                            0 => 2,
+                            7 => 4,
+                            other => panic!("TC action {other} on packet {i}: {input:02x?}"),
+                        },
+                        r.data_size_out,
+                    ),
+                    // The test run refuses an IP frame without a whole fixed IP header.
+                    Err(_) => {
+                        refused += 1;
+                        continue;
+                    }
+                }
+            }
+        };
+        let output = &out[..size as usize];
         let ctx = || {
             format!(
-                "packet {i} (seed {seed}), action {}:\nin  {input:02x?}\nout {output:02x?}",
-                r.return_value
+                "{kind:?} packet {i} (seed {seed}), action {action}:\nin  {input:02x?}\nout {output:02x?}"
             )
         };
-        assert_ne!(r.return_value, 0, "XDP_ABORTED: {}", ctx());
+        assert_ne!(action, 0, "XDP_ABORTED: {}", ctx());
         // The userspace reading of the same frame.
         match packet::verdict(&plan, &input) {
             Verdict::Pass(
@@ -384,13 +430,9 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
             }
             Verdict::Pass(_) => {}
         }
-        assert!(
-            matches!(r.return_value, 2..=4),
-            "unexpected action: {}",
-            ctx()
-        );
+        assert!(matches!(action, 2..=4), "unexpected action: {}", ctx());
         if output == &input[..] {
-            assert_eq!(r.return_value, 2, "forwarded without a rewrite: {}", ctx());
+            assert_eq!(action, 2, "forwarded without a rewrite: {}", ctx());
             untouched += 1;
             continue;
         }
@@ -443,8 +485,16 @@ fn a_million_random_and_mutated_packets_are_never_aborted_or_misrouted() {
         new_flows > n / 20 && tracked > n / 20 && reverse > n / 200,
         "too few packets took one of the paths: {new_flows} new flows, {tracked} of tracked flows, {reverse} replies"
     );
+    assert!(
+        refused < n / 10,
+        "the test run refused {refused} of {n} packets"
+    );
+    let name = match kind {
+        Kind::Xdp => "a_million_random_and_mutated_packets_are_never_aborted_or_misrouted",
+        Kind::Tc => "a_million_random_and_mutated_packets_through_tc_are_never_misrouted",
+    };
     println!(
-        "reliability: a_million_random_and_mutated_packets_are_never_aborted_or_misrouted: {n} packets on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted; paths taken: {new_flows} new flows, {tracked} packets of tracked flows (ICMP errors included), {reverse} replies; the userspace parser agreed on every packet ({predicted} backends predicted exactly)",
+        "reliability: {name}: {kind:?}, {n} packets ({refused} refused by the test run) on kernel {}: {rewritten} rewritten (checksums valid, destination a configured backend), {untouched} passed byte-identical, 0 aborted; paths taken: {new_flows} new flows, {tracked} packets of tracked flows (ICMP errors included), {reverse} replies; the userspace parser agreed on every packet ({predicted} backends predicted exactly)",
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     );
     assert!(

@@ -70,7 +70,7 @@ services:
       backends:
         - {{ name: web,        address: 10.200.2.2:80, weight: 6 }}
         - {{ name: experiment, address: 10.200.3.2:80, weight: 3 }}
-        - {{ name: canary,     address: 10.200.2.2:81, weight: 1 }}
+        - {{ name: canary,     address: 10.200.2.2:8081, weight: 1 }}
 "
     ));
     t.start_daemon();
@@ -78,7 +78,7 @@ services:
     let first = t.request_all(&t.clients4, vip4());
     let second = t.request_all(&t.clients4, vip4());
     assert_sticky(&[first.clone(), second]);
-    for (name, want) in [("web", 0.6), ("experiment", 0.3), ("web-81", 0.1)] {
+    for (name, want) in [("web", 0.6), ("experiment", 0.3), ("web-8081", 0.1)] {
         let got = share(&first, name);
         assert!(
             (got - want).abs() <= 0.06,

@@ -17,7 +17,8 @@ use ambassador::{
 };
 use ambassador_tests::{
     fixture::{
-        forwarding_netns, EXPERIMENT_MAC, GATEWAY_MAC, LB_BACKEND_MAC, LB_CLIENT_MAC, WEB_MAC,
+        allow_fixture_egress, forwarding_netns, EXPERIMENT_MAC, GATEWAY_MAC, LB_BACKEND_MAC,
+        LB_CLIENT_MAC, WEB_MAC,
     },
     netns::Netns,
     packets::{ingress_skb, l3_offset, Spec, ACK, FIN, PSH},
@@ -93,11 +94,8 @@ impl Fixture {
         let mut dp = KernelDataplane::load().expect("load the kernel programs");
         let ids = dp.apply(&plan).expect("program maps");
         {
-            // XDP redirects only to interfaces that take XDP frames: as if it ran on both.
             let _in = ns.enter();
-            for dev in ["be0", "cl0"] {
-                dp.allow_xdp_egress(dev).expect("XDP_EGRESS");
-            }
+            allow_fixture_egress(&mut dp);
         }
         Fixture {
             kind,

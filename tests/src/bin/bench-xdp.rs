@@ -14,7 +14,7 @@ use ambassador::{
 };
 use ambassador_ebpf::{Flow, FlowKey, FLOW_TABLE_SIZE};
 use ambassador_tests::{
-    fixture::forwarding_netns,
+    fixture::{allow_fixture_egress, forwarding_netns},
     packets::{Spec, ACK, PSH},
 };
 use aya::{
@@ -177,6 +177,7 @@ fn main() {
     )
     .expect("load");
     dp.apply(&Plan::build(&cfg)).expect("program maps");
+    allow_fixture_egress(&mut dp);
     for p in [
         "bench_pass",
         "bench_parse_lookup",

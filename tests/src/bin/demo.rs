@@ -1,19 +1,23 @@
 //! `cargo xtask demo`: the book's request-splitting ambassador, end to end, in a throw-away
-//! topology: 200 client addresses, the XDP ambassador, nginx `web` and `experiment`.
+//! topology: 200 client addresses behind a NIC (XDP toward them), nginx `web` and
+//! `experiment` in container-like namespaces (TC on their veths).
 
 use std::{collections::HashMap, net::IpAddr, process::Command};
 
 use ambassador_tests::{
     ambassador_bin,
-    topology::{split_config, Topology, VIP4},
+    topology::{split_config, Peers, Topology, VIP4},
 };
 
 fn main() {
     println!(
         "==> building the topology: client namespace with 200 addresses, ambassador namespace"
     );
-    println!("    (XDP on its three veths), web and experiment namespaces running nginx");
-    let mut t = Topology::new(200);
+    println!("    (XDP toward the client, which stands for a host behind a NIC; TC toward web and");
+    println!(
+        "    experiment, whose veths are left as a container runtime leaves them), nginx in both"
+    );
+    let mut t = Topology::with_peers(200, Peers::Mixed);
     t.start_nginx(1);
     let cfg = split_config(9, 1);
     t.write_config(&cfg);
@@ -22,6 +26,7 @@ fn main() {
         println!("    {l}");
     }
     t.start_daemon();
+    t.assert_kernel_programs();
     println!("\n==> every client requests http://{VIP4}/ twice");
     let vip = format!("{VIP4}:80").parse().unwrap();
     let rounds = [
