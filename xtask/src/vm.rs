@@ -19,7 +19,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 /// The suites run in each guest: packet fixtures through `BPF_PROG_TEST_RUN`, packet fuzzing
-/// through the real program, and the network-namespace integration tests (XDP on veth).
+/// through the real programs (XDP and TC), and the network-namespace integration tests (TC on
+/// container veths, XDP behind a NIC, and both).
 const SUITES: &[&str] = &["packet", "fuzz_packets", "netns"];
 
 /// The modules the initramfs loads to reach the 9p root (with their dependencies).
@@ -227,8 +228,9 @@ fn stage2(exes: &[(String, PathBuf)], root: &Path) -> String {
     let mut s = format!(
         r#"#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1 RUST_TEST_THREADS=2
-# A quarter of the host's million fuzzed packets: an emulated guest is many times slower.
-export AMB_FUZZ_PACKETS=250000
+# An eighth of the host's million fuzzed packets per program (XDP and TC): an emulated guest
+# is many times slower.
+export AMB_FUZZ_PACKETS=125000
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up
