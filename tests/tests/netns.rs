@@ -33,12 +33,13 @@ fn started_with(peers: Peers, n: usize, web: u32, experiment: u32) -> Topology {
     t
 }
 
+/// One request from each client: (client, body or error).
+type Round = Vec<(IpAddr, Result<String, String>)>;
+
 /// Every client twice through the 90/10 split: all answered, each client on one backend, the
 /// backend saw the client's own address, the shares within the split's bounds, and the kernel
 /// counted every new flow. The first round and the status after.
-fn splits_90_10_in_the_kernel(
-    t: &Topology,
-) -> (Vec<(IpAddr, Result<String, String>)>, serde_json::Value) {
+fn splits_90_10_in_the_kernel(t: &Topology) -> (Round, serde_json::Value) {
     let first = t.request_all(&t.clients4, vip4());
     let second = t.request_all(&t.clients4, vip4());
     assert_sticky(&[first.clone(), second]);
