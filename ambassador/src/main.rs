@@ -130,8 +130,9 @@ enum Cmd {
     Detach {
         #[arg(long, default_value = daemon::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// Refused while a daemon answers at --admin or holds --state-dir's pid lock.
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Print a shell completion script (e.g. `ambassador completions bash > /etc/bash_completion.d/ambassador`).
     Completions {
@@ -150,8 +151,10 @@ enum Cmd {
         /// Redraw every second until interrupted.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
-        #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
+        /// With --admin, ask the daemon's admin API (`GET /status`); otherwise read the state
+        /// the daemon publishes in --state-dir.
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -181,6 +184,28 @@ impl AdminArgs {
             .as_deref()
             .map(ambassador::admin::read_token)
             .transpose()
+    }
+
+    /// GET `path` from the admin API: the body of a 200 answer, else an error with the reason.
+    fn get(&self, path: &str) -> Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (status, text) = rt.block_on(ambassador::admin::call(
+            &self.endpoint(),
+            self.token()?.as_deref(),
+            hyper::Method::GET,
+            path,
+            None,
+        ))?;
+        if status != 200 {
+            return Err(anyhow!(
+                "{} answered {path} with HTTP {status}: {}",
+                self.endpoint(),
+                text.trim()
+            ));
+        }
+        Ok(text)
     }
 
     /// POST a change and print the daemon's answer; a refusal is an error with its reason.
@@ -667,8 +692,14 @@ fn real_main(cli: Cli) -> Result<()> {
             "/undrain",
             serde_json::json!({ "service": service, "backend": backend }),
         ),
-        Cmd::Detach { pin_dir, state_dir } => {
-            daemon::ensure_not_running(&state_dir)?;
+        Cmd::Detach { pin_dir, admin } => {
+            if admin.admin.is_some() && admin.get("/live").is_ok() {
+                return Err(anyhow!(
+                    "a running daemon answers at {}: it owns what is pinned; stop it (it detaches at exit unless run with --keep-on-exit)",
+                    admin.endpoint()
+                ));
+            }
+            daemon::ensure_not_running(&admin.state_dir)?;
             let removed = ambassador::dataplane::kernel::detach(&pin_dir)?;
             if removed.is_empty() {
                 println!("nothing pinned in {}", pin_dir.display());
@@ -679,15 +710,18 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Status {
-            json,
-            watch,
-            state_dir,
-        } => {
+        Cmd::Status { json, watch, admin } => {
+            let report = || -> Result<status::StatusReport> {
+                if admin.admin.is_some() {
+                    Ok(serde_json::from_str(&admin.get("/status")?)?)
+                } else {
+                    status::report(&admin.state_dir)
+                }
+            };
             if watch {
                 loop {
                     // Clear the screen and home the cursor, then draw.
-                    let text = match status::report(&state_dir) {
+                    let text = match report() {
                         Ok(r) => status::render(&r),
                         Err(e) => format!("{e:#}\n"),
                     };
@@ -697,7 +731,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }
-            let r = status::report(&state_dir)?;
+            let r = report()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

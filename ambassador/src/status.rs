@@ -3,11 +3,11 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{daemon::State, dataplane::kernel::Stats};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StatusReport {
     pub pid: u32,
     pub dataplane: String,
@@ -23,17 +23,17 @@ pub struct StatusReport {
     /// Counters of the TLS sidecar and the userspace data plane.
     pub userspace: Vec<(String, u64)>,
     /// The sharding services' stats, in twemproxy's stats-port format.
-    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub shards: serde_json::Value,
     /// The git syncs: the config's own repository (`--config-git`) and `gitsync:` jobs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gitsync: Vec<crate::gitsync::Status>,
     /// Brokered services' discovery: serving set, last success, and the error while stale.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub discovery: Vec<crate::discovery::DiscoveryStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub listen: String,
@@ -44,7 +44,7 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub name: String,
     pub address: String,
