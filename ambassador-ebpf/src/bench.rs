@@ -4,11 +4,13 @@
 
 use ambassador_ebpf::{Flow, FlowKey, FAMILY_V4, PROTO_TCP};
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
+
+use crate::ctx::Ctx;
 
 /// Bytes of the benchmark packet the wrappers restore (covers Ethernet + IPv4 + TCP headers).
 pub const BENCH_RESTORE_LEN: usize = 64;
@@ -19,6 +21,9 @@ static BENCH_PACKET: Array<[u64; BENCH_RESTORE_LEN / 8]> = Array::with_max_entri
 /// Slot 0: the program under test.
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// The same for the TC wrappers (a program array holds programs of one type).
+#[map]
+static BENCH_TC_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static BENCH_COUNTER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// The floor's one hash lookup, keyed like `SERVICES`.
@@ -103,8 +108,14 @@ pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
     }
 }
 
+/// TC's floor: the cost of running a TC program at all.
+#[classifier]
+pub fn bench_tc_ok(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 #[inline(always)]
-fn restore(ctx: &XdpContext) -> bool {
+fn restore<C: Ctx>(ctx: &C) -> bool {
     let start = ctx.data();
     if start + BENCH_RESTORE_LEN > ctx.data_end() {
         return false;
@@ -132,19 +143,15 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
     xdp_action::XDP_ABORTED
 }
 
-/// Restore the packet, give it a source no flow has had yet, then run the program under test:
-/// every iteration is a new flow.
-#[xdp]
-pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
-    if !restore(&ctx) {
-        return xdp_action::XDP_ABORTED;
-    }
+/// Give the restored packet a source no flow has had yet.
+#[inline(always)]
+fn new_source<C: Ctx>(ctx: &C) -> bool {
     let Some(c) = BENCH_COUNTER.get_ptr_mut(0) else {
-        return xdp_action::XDP_ABORTED;
+        return false;
     };
     let start = ctx.data();
     if start + BENCH_RESTORE_LEN > ctx.data_end() {
-        return xdp_action::XDP_ABORTED;
+        return false;
     }
     // SAFETY: per-CPU counter; the source port (34..36) and the last source octet (29) are
     // inside the restored bytes.
@@ -154,9 +161,41 @@ pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
         ((start + 34) as *mut u16).write_unaligned(n as u16);
         ((start + 29) as *mut u8).write((n >> 16) as u8);
     }
+    true
+}
+
+/// Restore the packet, give it a source no flow has had yet, then run the program under test:
+/// every iteration is a new flow.
+#[xdp]
+pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) || !new_source(&ctx) {
+        return xdp_action::XDP_ABORTED;
+    }
     // SAFETY: as in bench_restore.
     unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// [`bench_restore`] for TC programs.
+#[classifier]
+pub fn bench_tc_restore(ctx: TcContext) -> i32 {
+    if !restore(&ctx) {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: tail call into slot 0 of our program array; on failure we fall through.
+    unsafe { BENCH_TC_TARGET.tail_call(&ctx, 0) };
+    TC_ACT_SHOT as i32
+}
+
+/// [`bench_restore_new_flow`] for TC programs.
+#[classifier]
+pub fn bench_tc_restore_new_flow(ctx: TcContext) -> i32 {
+    if !restore(&ctx) || !new_source(&ctx) {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: as in bench_tc_restore.
+    unsafe { BENCH_TC_TARGET.tail_call(&ctx, 0) };
+    TC_ACT_SHOT as i32
 }
 
 /// Restore the packet and void every flow-cache copy (as a replaced flow does), then run the

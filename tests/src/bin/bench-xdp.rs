@@ -1,6 +1,7 @@
-//! `cargo xtask bench xdp`: ns/packet of the XDP program by `BPF_PROG_TEST_RUN`, against two
-//! floors measured in the same run (a program that only returns XDP_PASS; one that parses
-//! Ethernet/IPv4/TCP and does one hash lookup).
+//! `cargo xtask bench xdp`: ns/packet of the XDP and TC programs by `BPF_PROG_TEST_RUN`, against
+//! floors measured in the same run (a program that only returns XDP_PASS, and one that only
+//! returns TC_ACT_OK; one that parses Ethernet/IPv4/TCP and does one hash lookup; one that
+//! parses and inserts one flow).
 //!
 //! `repeat` does not restore the packet between iterations, so paths that rewrite it are timed
 //! through `bench_restore*`, which copy the original headers back and tail-call the program
@@ -15,11 +16,11 @@ use ambassador::{
 use ambassador_ebpf::{Flow, FlowKey, FLOW_TABLE_SIZE};
 use ambassador_tests::{
     fixture::{allow_fixture_egress, forwarding_netns},
-    packets::{Spec, ACK, PSH},
+    packets::{ingress_skb, Spec, ACK, PSH},
 };
 use aya::{
     maps::{Array, HashMap, ProgramArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     EbpfLoader,
 };
 
@@ -68,6 +69,54 @@ fn run(dp: &mut KernelDataplane, prog: &str, pkt: &[u8], repeat: u32) -> f64 {
     r.duration.as_nanos() as f64
 }
 
+fn tc<'a>(dp: &'a mut KernelDataplane, name: &str) -> &'a mut SchedClassifier {
+    dp.ebpf_mut()
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("program {name}"))
+        .try_into()
+        .expect("SCHED_CLS program")
+}
+
+/// [`run`] for a TC program: the test run's socket buffer arrived on `lo` (the FIB lookup
+/// needs an interface).
+fn run_tc(dp: &mut KernelDataplane, prog: &str, pkt: &[u8], repeat: u32) -> f64 {
+    let mut out = vec![0u8; pkt.len() + 64];
+    let skb = ingress_skb(1);
+    let r = tc(dp, prog)
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&skb),
+            repeat,
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    // TC_ACT_SHOT: the wrapper's restore or tail call failed.
+    assert_ne!(r.return_value, 2, "{prog}: wrapper or tail call failed");
+    r.duration.as_nanos() as f64
+}
+
+fn set_tc_target(dp: &mut KernelDataplane, prog: &str) {
+    let fd = tc(dp, prog).fd().expect("loaded").try_clone().expect("fd");
+    let mut arr =
+        ProgramArray::try_from(dp.ebpf_mut().map_mut("BENCH_TC_TARGET").unwrap()).unwrap();
+    arr.set(0, &fd, 0).expect("set tail-call target");
+}
+
+/// [`wrapped`] for TC programs, net of the TC wrapper (measured with `bench_tc_ok` as target).
+fn wrapped_tc(
+    dp: &mut KernelDataplane,
+    wrapper: &str,
+    target: &str,
+    pkt: &[u8],
+    repeat: u32,
+) -> f64 {
+    set_tc_target(dp, "bench_tc_ok");
+    let w = run_tc(dp, wrapper, pkt, repeat);
+    set_tc_target(dp, target);
+    run_tc(dp, wrapper, pkt, repeat) - w
+}
+
 /// Mean ns of `n` one-shot runs (repeat 1: the kernel hands the program a fresh copy of the
 /// packet each time); `pkt(i)` may vary the packet per run.
 fn one_shot(
@@ -104,6 +153,10 @@ struct Round {
     insert: f64,
     wrap: f64,
     wrap_new: f64,
+    tc_ok: f64,
+    tc_non_service: f64,
+    tc_est: f64,
+    tc_new_flow: f64,
 }
 
 /// Cost of `target` behind `wrapper`, net of the wrapper: (wrapper → target) − (wrapper →
@@ -190,6 +243,11 @@ fn main() {
             .load()
             .unwrap_or_else(|e| panic!("loading {p}: {e:#?}"));
     }
+    for p in ["bench_tc_ok", "bench_tc_restore", "bench_tc_restore_new_flow"] {
+        tc(&mut dp, p)
+            .load()
+            .unwrap_or_else(|e| panic!("loading {p}: {e:#?}"));
+    }
     {
         // The floor's lookup hits, as the service lookup does.
         let mut m: HashMap<_, [u32; 5], u32> =
@@ -252,6 +310,20 @@ fn main() {
             &service,
             NEW_FLOWS,
         );
+        // The TC program on the same packets, against its own floor.
+        let tc_ok = run_tc(&mut dp, "bench_tc_ok", &service, REPEAT);
+        let tc_non_service = run_tc(&mut dp, "ambassador_tc", &other, REPEAT);
+        set_packet(&mut dp, &data);
+        let tc_est = wrapped_tc(&mut dp, "bench_tc_restore", "ambassador_tc", &data, REPEAT);
+        set_packet(&mut dp, &service);
+        clear(&mut dp, "FLOWS");
+        let tc_new_flow = wrapped_tc(
+            &mut dp,
+            "bench_tc_restore_new_flow",
+            "ambassador_tc",
+            &service,
+            NEW_FLOWS,
+        );
         r.push(Round {
             pass,
             parse,
@@ -262,6 +334,10 @@ fn main() {
             insert: insert + pass,
             wrap,
             wrap_new,
+            tc_ok,
+            tc_non_service,
+            tc_est: tc_est + tc_ok,
+            tc_new_flow: tc_new_flow + tc_ok,
         });
     }
     // The steady state of a full table, where every insert also evicts: NEW_FLOWS_FULL per run.
@@ -358,6 +434,48 @@ fn main() {
     println!(
         "new flow against the insert floor: {:.2}x (a new flow inserts two entries, forward and reverse, and looks up its route once)",
         median(r.iter().map(|x| x.new_flow / x.insert).collect())
+    );
+    let tc_ratio = |f: fn(&Round) -> f64| median(r.iter().map(|x| f(x) / x.tc_ok).collect());
+    println!(
+        "\nTC program (clsact, socket buffers), same packets, same rounds; floor TC_ACT_OK: {:.1} ns ({:.2}x XDP_PASS)\n",
+        ns(|x| x.tc_ok),
+        ratio(|x| x.tc_ok)
+    );
+    println!(
+        "{:<28} {:>8} {:>14} {:>8}",
+        "path", "ns/pkt", "x TC_ACT_OK", "goal"
+    );
+    for (name, ns, ratio, goal) in [
+        (
+            "established flow",
+            ns(|x| x.tc_est),
+            tc_ratio(|x| x.tc_est),
+            Some(3.0),
+        ),
+        (
+            "new flow (flow insert)",
+            ns(|x| x.tc_new_flow),
+            tc_ratio(|x| x.tc_new_flow),
+            None,
+        ),
+        (
+            "non-service packet",
+            ns(|x| x.tc_non_service),
+            tc_ratio(|x| x.tc_non_service),
+            Some(1.7),
+        ),
+    ] {
+        match goal {
+            Some(goal) => {
+                let verdict = if ratio <= goal { "met" } else { "MISSED" };
+                println!("{name:<28} {ns:>8.1} {ratio:>13.2}x {goal:>7.1}x  {verdict}");
+            }
+            None => println!("{name:<28} {ns:>8.1} {ratio:>13.2}x       -"),
+        }
+    }
+    println!(
+        "TC new flow against the insert floor: {:.2}x",
+        median(r.iter().map(|x| x.tc_new_flow / x.insert).collect())
     );
     println!(
         "\ncross-check by {N} one-shot runs (fresh packet each, timer overhead {overhead:.1} ns subtracted):"
