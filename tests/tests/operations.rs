@@ -470,15 +470,14 @@ fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
     assert_eq!(backend(&t.status(), "frontend", "web")["drained"], true);
     // `status` and `detach` reach the daemon the same way, with no state directory to read.
     let elsewhere = |args: &[&str]| {
-        let out = t
-            .lb
-            .command(ambassador_bin().to_str().unwrap())
-            .args(args)
-            .args(["--admin", admin, "--admin-token-file"])
-            .arg(&token)
-            .args(["--state-dir", "/nonexistent/ambassador"])
-            .output()
-            .unwrap();
+        let out =
+            t.lb.command(ambassador_bin().to_str().unwrap())
+                .args(args)
+                .args(["--admin", admin, "--admin-token-file"])
+                .arg(&token)
+                .args(["--state-dir", "/nonexistent/ambassador"])
+                .output()
+                .unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -494,7 +493,10 @@ fn tcp_admin_needs_its_token_and_answers_live_ready_and_config() {
     assert!(ok && out.contains("TC on lbc, lbw, lbe"), "{out}{err}");
     let (ok, _, err) = elsewhere(&["detach", "--pin-dir", t.pin_dir.to_str().unwrap()]);
     assert!(!ok && err.contains("a running daemon answers at"), "{err}");
-    assert!(t.pin_dir.exists(), "detach removed the pins of a running daemon");
+    assert!(
+        t.pin_dir.exists(),
+        "detach removed the pins of a running daemon"
+    );
 }
 
 /// A 1:1 split with HTTP health checks (2 × 200 ms to fall), and each client's backend.

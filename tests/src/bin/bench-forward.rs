@@ -1,8 +1,9 @@
-//! `cargo xtask bench forward`: HTTP requests/s in the netns topology through the XDP
+//! `cargo xtask bench forward`: HTTP requests/s in the netns topology through the kernel
 //! ambassador, through nftables doing the same sticky weighted split (what a user would write
 //! instead), and straight to a backend, in one run; keep-alive and new connection per request.
+//! Twice: on veths as container runtimes leave them (the TC program) and behind a NIC (XDP).
 
-use ambassador_tests::topology::{split_config, Topology, VIP4};
+use ambassador_tests::topology::{split_config, Peers, Topology, VIP4};
 
 const SECONDS: u32 = 4;
 const ROUNDS: usize = 3;
@@ -43,7 +44,22 @@ fn wrk(t: &Topology, url: &str, close: bool) -> f64 {
 }
 
 fn main() {
-    let mut t = Topology::new(1);
+    for (peers, label) in [
+        (
+            Peers::Containers,
+            "container veths (ip link defaults: TX checksum offload on, GRO off), TC program",
+        ),
+        (
+            Peers::BehindNic,
+            "behind a NIC (far ends GRO on, TX checksum offload off), XDP program",
+        ),
+    ] {
+        topology(peers, label);
+    }
+}
+
+fn topology(peers: Peers, label: &str) {
+    let mut t = Topology::with_peers(1, peers);
     t.start_nginx(1);
     t.write_config(&split_config(9, 1));
     t.lb.sh(&format!(
@@ -61,7 +77,9 @@ EOF"
     // The client's single address hashes to one backend either way; "direct" is that backend.
     let direct_url = "http://10.200.2.2/";
 
-    println!("HTTP through the topology: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, nginx backends (1 worker), median of {ROUNDS} rotated rounds");
+    println!(
+        "\n{label}: HTTP through the topology: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, nginx backends (1 worker), median of {ROUNDS} rotated rounds"
+    );
     let mut rows = Vec::new();
     for (mode, close) in [("keep-alive", false), ("new connection per request", true)] {
         let mut runs: [Vec<f64>; 3] = Default::default();
@@ -70,10 +88,11 @@ EOF"
                 let i = (k + r) % 3;
                 let rps = match i {
                     0 => wrk(&t, direct_url, close),
-                    // nftables measured without XDP attached, so it pays nothing for our program.
+                    // nftables measured without our program attached, so it pays nothing for it.
                     1 => wrk(&t, &nft_url, close),
                     _ => {
                         t.start_daemon();
+                        t.assert_kernel_programs();
                         let v = wrk(&t, &xdp_url, close);
                         t.stop_daemon();
                         v

@@ -243,7 +243,11 @@ fn main() {
             .load()
             .unwrap_or_else(|e| panic!("loading {p}: {e:#?}"));
     }
-    for p in ["bench_tc_ok", "bench_tc_restore", "bench_tc_restore_new_flow"] {
+    for p in [
+        "bench_tc_ok",
+        "bench_tc_restore",
+        "bench_tc_restore_new_flow",
+    ] {
         tc(&mut dp, p)
             .load()
             .unwrap_or_else(|e| panic!("loading {p}: {e:#?}"));
