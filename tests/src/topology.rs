@@ -205,7 +205,8 @@ impl Topology {
     }
 
     /// Start nginx in both backend namespaces; each answers `NAME CLIENT-ADDRESS` on port 80,
-    /// `NAME-8081 CLIENT-ADDRESS` on port 8081 (a third backend for three-way splits).
+    /// `NAME-8081 CLIENT-ADDRESS` on port 8081 (a third backend for three-way splits), and
+    /// serves the file `big` of its directory (see [`Topology::write_big`]) at `/big`.
     pub fn start_nginx(&mut self, workers: u32) {
         for (ns, name) in [(&self.web, "web"), (&self.exp, "experiment")] {
             let d = self.dir.join(format!("nginx-{name}"));
@@ -229,6 +230,7 @@ http {{
     listen [::]:80 backlog=4096;
     location / {{ default_type text/plain; return 200 \"{name} $remote_addr\\n\"; }}
     location = /healthz {{ if (-f {d}/down) {{ return 503; }} return 200 \"ok\\n\"; }}
+    location = /big {{ alias {d}/big; default_type application/octet-stream; add_header X-Backend {name}; }}
   }}
   server {{
     listen 8081;
@@ -278,6 +280,11 @@ http {{
                 },
             );
         }
+    }
+
+    /// Write the file a backend serves at `/big`.
+    pub fn write_big(&self, backend: &str, body: &[u8]) {
+        std::fs::write(self.dir.join(format!("nginx-{backend}")).join("big"), body).unwrap();
     }
 
     /// Make a backend's `/healthz` answer 503 (`healthy` false) or 200; `/` keeps serving.
@@ -605,7 +612,8 @@ pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out after {limit:?} waiting for {what}");
 }
 
-fn connect(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+/// A TCP connection from `src` (a client address) to `dst`, with 3 s timeouts.
+pub fn connect(src: IpAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     use std::os::fd::AsRawFd as _;
     let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
@@ -717,4 +725,16 @@ pub fn share(results: &[(IpAddr, Result<String, String>)], name: &str) -> f64 {
 
 pub fn path_display(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A UDP backend in `ns` answering `NAME PEER-PORT` (the port shows which session it came on).
+pub fn udp_echo(ns: &Netns, addr: &str, name: &'static str) {
+    let _in = ns.enter();
+    let s = std::net::UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(format!("{name} {}", peer.port()).as_bytes(), peer);
+        }
+    });
 }

@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -276,4 +277,166 @@ fn broken_config_sent_by_sighup_is_rejected_and_traffic_keeps_flowing() {
     );
     let after = t.request_all(&t.clients4, vip4());
     assert_sticky(&[before, after]);
+}
+
+/// The byte at `i` of the download: a pattern no shifted or repeated chunk matches.
+fn pattern(i: usize) -> u8 {
+    (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3]
+}
+
+#[test]
+fn a_streaming_download_through_tc_keeps_every_byte_and_its_backend_through_a_live_change() {
+    // The backends' veths are as containers have them: the download's segments leave them as
+    // GSO socket buffers with CHECKSUM_PARTIAL, which the TC program must forward intact.
+    let t = started(20, 1, 1);
+    const SIZE: usize = 16 << 20;
+    let body: Vec<u8> = (0..SIZE).map(pattern).collect();
+    t.write_big("web", &body);
+    t.write_big("experiment", &body);
+    let changed = AtomicBool::new(false);
+    let (backend, changed_mid_download) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let _in = t.client.enter();
+            let mut conn =
+                ambassador_tests::topology::connect(t.clients4[0], vip4()).expect("connect");
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            conn.write_all(b"GET /big HTTP/1.1\r\nHost: ambassador\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut head = Vec::new();
+            let mut got = 0usize;
+            let mut seen_change = false;
+            loop {
+                let n = conn.read(&mut buf).expect("the download broke");
+                if n == 0 {
+                    break;
+                }
+                let mut chunk = &buf[..n];
+                if head.is_empty() || !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    head.extend_from_slice(chunk);
+                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let rest = head.split_off(end + 4);
+                    for (k, b) in rest.iter().enumerate() {
+                        assert_eq!(*b, pattern(got + k), "byte {} differs", got + k);
+                    }
+                    got += rest.len();
+                    chunk = &[];
+                }
+                for (k, b) in chunk.iter().enumerate() {
+                    assert_eq!(*b, pattern(got + k), "byte {} differs", got + k);
+                }
+                got += chunk.len();
+                if got < SIZE {
+                    seen_change |= changed.load(Ordering::Relaxed);
+                }
+                // A slow reader: the download lasts about two seconds.
+                std::thread::sleep(Duration::from_millis(8));
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(got, SIZE, "the download was cut short");
+            let backend = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Backend: "))
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            (backend, seen_change)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // Send every new client elsewhere: 1:1 becomes 1:0 and 0:1 in turn.
+        t.write_config(&split_config(1, 1).replace("weight: 1 }", "weight: 1000 }"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.status()["generation"] != 2 {
+            assert!(Instant::now() < deadline, "reload not applied");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        changed.store(true, Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(
+        changed_mid_download,
+        "the change was applied only after the download ended: nothing was tested"
+    );
+    assert!(
+        backend == "web" || backend == "experiment",
+        "no X-Backend header: {backend:?}"
+    );
+    let st = t.status();
+    let kernel = |name: &str| {
+        st["kernel"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0)
+    };
+    // The reply path was the kernel's: it rewrote the download's packets back to the service.
+    assert!(kernel("reverse_nat") > 100, "status: {st:#}");
+}
+
+#[test]
+fn udp_through_tc_on_container_veths_splits_sticks_and_replies_from_the_service() {
+    let t = Topology::new(50);
+    ambassador_tests::topology::udp_echo(&t.web, "10.200.2.2:5353", "web");
+    ambassador_tests::topology::udp_echo(&t.exp, "10.200.3.2:5353", "experiment");
+    t.write_config(&format!(
+        "interfaces: [lbc, lbw, lbe]
+services:
+  - name: dns
+    listen: {VIP4}:53/udp
+    split:
+      key: src-ip
+      backends:
+        - {{ name: web,        address: 10.200.2.2:5353, weight: 1 }}
+        - {{ name: experiment, address: 10.200.3.2:5353, weight: 1 }}
+"
+    ));
+    t.start_daemon();
+    t.assert_kernel_programs();
+    let vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    {
+        let _in = t.client.enter();
+        for c in &t.clients4 {
+            // Connected: only datagrams from the service address are received, so every
+            // answer proves the reply was rewritten back to it.
+            let s = std::net::UdpSocket::bind(SocketAddr::new(*c, 0)).unwrap();
+            s.connect(vip).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let port = s.local_addr().unwrap().port();
+            let mut first = None;
+            for i in 0..3 {
+                s.send(format!("query {i}").as_bytes()).unwrap();
+                let mut buf = [0u8; 256];
+                let n = s
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("no answer to {c}'s datagram {i}: {e}"));
+                let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+                let (name, peer_port) = answer.split_once(' ').unwrap();
+                assert_eq!(
+                    peer_port.parse::<u16>().unwrap(),
+                    port,
+                    "the backend saw another port"
+                );
+                match &first {
+                    None => first = Some(name.to_string()),
+                    Some(f) => assert_eq!(f, name, "{c} moved between backends"),
+                }
+            }
+            *seen.entry(first.unwrap()).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 2, "one backend got every client: {seen:?}");
+    let st = t.status();
+    let new_flows: u64 = st["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["new_flows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(new_flows, 50, "status: {st:#}");
 }

@@ -8,7 +8,7 @@ use std::{
 
 use ambassador_tests::{
     local::{free_port, HttpBackend, LocalDaemon},
-    topology::{share, split_config, Topology, VIP4},
+    topology::{share, split_config, udp_echo, Topology, VIP4},
 };
 
 #[test]
@@ -35,18 +35,6 @@ fn userspace_data_plane_splits_90_10_and_every_client_sticks() {
     }
     let web = share(&first, "web");
     assert!((0.85..=0.95).contains(&web), "web got {:.1}%", web * 100.0);
-}
-
-/// A UDP backend answering `NAME PEER-PORT` (the port shows which upstream session it came on).
-fn udp_echo(ns: &ambassador_tests::netns::Netns, addr: &str, name: &'static str) {
-    let _in = ns.enter();
-    let s = UdpSocket::bind(addr).unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1500];
-        while let Ok((_, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(format!("{name} {}", peer.port()).as_bytes(), peer);
-        }
-    });
 }
 
 #[test]
