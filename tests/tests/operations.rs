@@ -673,8 +673,17 @@ fn dashboard_shows_the_backends_and_their_shares_move_after_set_weight() {
         let r = t.request_all(&t.clients4, vip4());
         assert!(r.iter().all(|(_, r)| r.is_ok()));
     }
-    let dom = dashboard_dom(&t, &url);
-    let after = dom_share(&dom, "frontend", "experiment");
+    // The admin API serves a report up to a second old: the rounds above can finish inside
+    // the second the first page was drawn in. Look again until the report is newer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (dom, after) = loop {
+        let dom = dashboard_dom(&t, &url);
+        let after = dom_share(&dom, "frontend", "experiment");
+        if after > before + 0.15 || Instant::now() > deadline {
+            break (dom, after);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
     assert!(
         after > before + 0.15,
         "experiment's share did not move after set-weight: {before} then {after}"
