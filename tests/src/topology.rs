@@ -236,6 +236,7 @@ http {{
     listen 8081;
     listen [::]:8081;
     location / {{ default_type text/plain; return 200 \"{name}-8081 $remote_addr\n\"; }}
+    location = /big {{ alias {d}/big; default_type application/octet-stream; add_header X-Backend {name}; }}
   }}
   server {{
     listen 8080 proxy_protocol;
@@ -473,6 +474,16 @@ http {{
     pub fn wait_daemon_exit(&self) -> std::process::ExitStatus {
         let mut d = self.daemon.lock().unwrap().take().expect("daemon running");
         d.wait().unwrap()
+    }
+
+    /// Make the ambassador's own interfaces finish checksums in software when they send, as a
+    /// NIC's checksum engine does: a `CHECKSUM_PARTIAL` packet a container sent leaves with its
+    /// checksum computed from the field the kernel program left, and the receiver verifies it.
+    /// Between veths that keep the offload, nobody ever checks that field.
+    pub fn finish_checksums_on_egress(&self) {
+        for dev in ["lbc", "lbw", "lbe"] {
+            self.lb.sh(&format!("ethtool -K {dev} tx off >/dev/null"));
+        }
     }
 
     /// Check the daemon runs the kernel data plane with the program this topology calls for

@@ -287,8 +287,19 @@ fn pattern(i: usize) -> u8 {
 #[test]
 fn a_streaming_download_through_tc_keeps_every_byte_and_its_backend_through_a_live_change() {
     // The backends' veths are as containers have them: the download's segments leave them as
-    // GSO socket buffers with CHECKSUM_PARTIAL, which the TC program must forward intact.
-    let t = started(20, 1, 1);
+    // GSO socket buffers with CHECKSUM_PARTIAL, which the TC program must forward intact; the
+    // ambassador's interfaces finish the checksums (as a NIC would), so a wrong field shows.
+    // Backends on another port than the service's, so the reply's port is rewritten too.
+    let on_8081 = |cfg: String| {
+        cfg.replace("10.200.2.2:80,", "10.200.2.2:8081,")
+            .replace("10.200.3.2:80,", "10.200.3.2:8081,")
+    };
+    let mut t = Topology::new(20);
+    t.start_nginx(1);
+    t.write_config(&on_8081(split_config(1, 1)));
+    t.start_daemon();
+    t.assert_kernel_programs();
+    t.finish_checksums_on_egress();
     const SIZE: usize = 16 << 20;
     let body: Vec<u8> = (0..SIZE).map(pattern).collect();
     t.write_big("web", &body);
@@ -347,7 +358,9 @@ fn a_streaming_download_through_tc_keeps_every_byte_and_its_backend_through_a_li
         });
         std::thread::sleep(Duration::from_millis(300));
         // Send every new client elsewhere: 1:1 becomes 1:0 and 0:1 in turn.
-        t.write_config(&split_config(1, 1).replace("weight: 1 }", "weight: 1000 }"));
+        t.write_config(&on_8081(
+            split_config(1, 1).replace("weight: 1 }", "weight: 1000 }"),
+        ));
         let deadline = Instant::now() + Duration::from_secs(10);
         while t.status()["generation"] != 2 {
             assert!(Instant::now() < deadline, "reload not applied");
@@ -381,6 +394,7 @@ fn a_streaming_download_through_tc_keeps_every_byte_and_its_backend_through_a_li
 #[test]
 fn udp_through_tc_on_container_veths_splits_sticks_and_replies_from_the_service() {
     let t = Topology::new(50);
+    t.finish_checksums_on_egress();
     ambassador_tests::topology::udp_echo(&t.web, "10.200.2.2:5353", "web");
     ambassador_tests::topology::udp_echo(&t.exp, "10.200.3.2:5353", "experiment");
     t.write_config(&format!(
