@@ -5,7 +5,7 @@
 //!
 //! Every exit for traffic that is not ours is `TC_ACT_OK` with the packet untouched.
 
-use ambassador_ebpf::PROTO_UDP;
+use ambassador_ebpf::{csum, PROTO_UDP};
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
     helpers::{bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_skb_pull_data},
@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    ctx::{fold32, Ctx},
+    ctx::{fold32, load, store, Ctx},
     path::run,
 };
 
@@ -77,6 +77,13 @@ impl Ctx for TcContext {
     }
 
     #[inline(always)]
+    /// One helper call where there are two kinds of change, not two calls (a helper call is
+    /// the largest cost of an established packet here). The pseudo-header change goes through
+    /// `bpf_l4_csum_replace`, which knows the skb's checksum state; what it wrote says which
+    /// state that was, since it computes `fold(d + ~F)` for a full checksum and `~fold(d + F)`
+    /// for a partial one, which differ whenever the addresses changed (`d` ≠ 0). The header
+    /// change is then written directly to a full checksum, and left out of a partial one (the
+    /// NIC sums the header itself). Where the two cannot be told apart, the helper decides.
     fn update_l4_csum(
         &self,
         off: usize,
@@ -86,31 +93,59 @@ impl Ctx for TcContext {
         header: u64,
     ) -> Result<(), ()> {
         // A zero UDP checksum stays zero, a computed zero becomes 0xffff.
-        let mangled = if proto == PROTO_UDP {
+        let udp = proto == PROTO_UDP;
+        let mangled = if udp {
             BPF_F_MARK_MANGLED_0 as u64
         } else {
             0
         };
-        // Size 0: `to` is a difference (a 32-bit one's-complement sum), not a field's value.
-        // SAFETY: plain helper calls on our own skb; the helper bounds-checks the offset.
-        unsafe {
-            if pseudo != 0
-                && bpf_l4_csum_replace(
+        let mangle = |c: u16| if udp && c == 0 { 0xffff } else { c };
+        let before: u16 = load(self, off)?;
+        if udp && before == 0 {
+            return Ok(());
+        }
+        let d = fold32(pseudo);
+        if pseudo != 0 {
+            // Size 0: `to` is a difference (a 32-bit one's-complement sum), not a field's value.
+            // SAFETY: plain helper call on our own skb; the helper bounds-checks the offset.
+            let rc = unsafe {
+                bpf_l4_csum_replace(
                     self.skb.skb,
                     off as u32,
                     0,
-                    fold32(pseudo) as u64,
+                    d as u64,
                     BPF_F_PSEUDO_HDR as u64 | mangled,
-                ) != 0
-            {
+                )
+            };
+            if rc != 0 {
                 return Err(());
             }
-            if header != 0
-                && bpf_l4_csum_replace(self.skb.skb, off as u32, 0, fold32(header) as u64, mangled)
-                    != 0
-            {
-                return Err(());
+        }
+        if header == 0 {
+            return Ok(());
+        }
+        if pseudo != 0 {
+            let after: u16 = load(self, off)?;
+            let full = mangle(csum::finish(d as u64 + !(before as u32) as u64));
+            let partial = mangle(!csum::finish(d as u64 + before as u64));
+            if full != partial {
+                if after == full {
+                    let c = mangle(csum::finish(
+                        csum::start(after) + fold32(header) as u64,
+                    ));
+                    return store(self, off, c);
+                }
+                if after == partial {
+                    return Ok(());
+                }
             }
+        }
+        // SAFETY: as above.
+        let rc = unsafe {
+            bpf_l4_csum_replace(self.skb.skb, off as u32, 0, fold32(header) as u64, mangled)
+        };
+        if rc != 0 {
+            return Err(());
         }
         Ok(())
     }
