@@ -94,11 +94,7 @@ impl Ctx for TcContext {
     ) -> Result<(), ()> {
         // A zero UDP checksum stays zero, a computed zero becomes 0xffff.
         let udp = proto == PROTO_UDP;
-        let mangled = if udp {
-            BPF_F_MARK_MANGLED_0 as u64
-        } else {
-            0
-        };
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
         let mangle = |c: u16| if udp && c == 0 { 0xffff } else { c };
         let before: u16 = load(self, off)?;
         if udp && before == 0 {
@@ -130,9 +126,7 @@ impl Ctx for TcContext {
             let partial = mangle(!csum::finish(d as u64 + before as u64));
             if full != partial {
                 if after == full {
-                    let c = mangle(csum::finish(
-                        csum::start(after) + fold32(header) as u64,
-                    ));
+                    let c = mangle(csum::finish(csum::start(after) + fold32(header) as u64));
                     return store(self, off, c);
                 }
                 if after == partial {
