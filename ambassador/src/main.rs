@@ -186,18 +186,28 @@ impl AdminArgs {
             .transpose()
     }
 
-    /// GET `path` from the admin API: the body of a 200 answer, else an error with the reason.
-    fn get(&self, path: &str) -> Result<String> {
+    /// One request to the admin API: its status code and body.
+    fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, String)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (status, text) = rt.block_on(ambassador::admin::call(
+        rt.block_on(ambassador::admin::call(
             &self.endpoint(),
             self.token()?.as_deref(),
-            hyper::Method::GET,
+            method,
             path,
-            None,
-        ))?;
+            body,
+        ))
+    }
+
+    /// GET `path` from the admin API: the body of a 200 answer, else an error with the reason.
+    fn get(&self, path: &str) -> Result<String> {
+        let (status, text) = self.call(hyper::Method::GET, path, None)?;
         if status != 200 {
             return Err(anyhow!(
                 "{} answered {path} with HTTP {status}: {}",
@@ -210,16 +220,7 @@ impl AdminArgs {
 
     /// POST a change and print the daemon's answer; a refusal is an error with its reason.
     fn post(&self, path: &str, body: serde_json::Value) -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (status, text) = rt.block_on(ambassador::admin::call(
-            &self.endpoint(),
-            self.token()?.as_deref(),
-            hyper::Method::POST,
-            path,
-            Some(body),
-        ))?;
+        let (status, text) = self.call(hyper::Method::POST, path, Some(body))?;
         if status != 200 {
             return Err(anyhow!("{} (HTTP {status})", text.trim()));
         }

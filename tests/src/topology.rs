@@ -749,3 +749,14 @@ pub fn udp_echo(ns: &Netns, addr: &str, name: &'static str) {
         }
     });
 }
+
+/// A kernel counter from `status --json` (`kernel`: `[[name, value], ...]`); 0 when absent.
+pub fn kernel_stat(status: &serde_json::Value, name: &str) -> u64 {
+    status["kernel"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or(0)
+}

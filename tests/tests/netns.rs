@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambassador_tests::topology::{share, split_config, KeepAlive, Peers, Topology, VIP4, VIP6};
+use ambassador_tests::topology::{
+    kernel_stat, share, split_config, KeepAlive, Peers, Topology, VIP4, VIP6,
+};
 
 fn vip4() -> SocketAddr {
     format!("{VIP4}:80").parse().unwrap()
@@ -95,15 +97,7 @@ services:
     // Done in the kernel: the TC program counted every connection as a new flow and
     // forwarded its packets; the userspace data plane accepted none.
     let st = t.status();
-    let kernel = |name: &str| {
-        st["kernel"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or(0)
-    };
+    let kernel = |name: &str| kernel_stat(&st, name);
     assert_eq!(kernel("new_flow"), 480, "status: {st:#}");
     assert!(kernel("forwarded") >= 480 * 4, "status: {st:#}");
 }
@@ -378,15 +372,7 @@ fn a_streaming_download_through_tc_keeps_every_byte_and_its_backend_through_a_li
         "no X-Backend header: {backend:?}"
     );
     let st = t.status();
-    let kernel = |name: &str| {
-        st["kernel"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or(0)
-    };
+    let kernel = |name: &str| kernel_stat(&st, name);
     // The reply path was the kernel's: it rewrote the download's packets back to the service.
     assert!(kernel("reverse_nat") > 100, "status: {st:#}");
 }
