@@ -246,9 +246,10 @@ pub enum Stat {
     PassFragment = 2,
     /// Service handled by userspace (`SERVICE_PASS_TO_STACK`).
     PassToStack = 3,
-    /// Rewritten, then handed to the stack to route (no neighbour entry yet, VLAN, TTL expiring).
+    /// Rewritten, then handed to the stack to route (VLAN, TTL expiring, MTU exceeded; on XDP
+    /// also no neighbour entry yet, or an egress that takes no XDP frames).
     NatThenStack = 4,
-    /// Rewritten and sent with `XDP_REDIRECT` / `XDP_TX`.
+    /// Rewritten and sent: `XDP_REDIRECT` / `XDP_TX`, or TC's `bpf_redirect(_neigh)`.
     Forwarded = 5,
     /// A new flow was created.
     NewFlow = 6,
