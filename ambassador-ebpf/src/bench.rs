@@ -2,7 +2,7 @@
 //! floors and let it time a program that rewrites packets with `BPF_PROG_TEST_RUN`'s `repeat`,
 //! which does not restore the packet between iterations.
 
-use ambassador_ebpf::{Flow, FlowKey, FAMILY_V4, PROTO_TCP};
+use ambassador_ebpf::{Flow, FlowKey, BPF_F_NO_COMMON_LRU, FAMILY_V4, PROTO_TCP};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, map, xdp},
@@ -34,6 +34,10 @@ static BENCH_LOOKUP: HashMap<[u32; 5], u32> = HashMap::with_max_entries(1024, 0)
 /// with `FLOWS`' size, so daemons do not carry a second table.
 #[map]
 static BENCH_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1, 0);
+/// The same with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`), to measure the other flavour.
+#[map]
+static BENCH_FLOWS_NO_COMMON: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(1, BPF_F_NO_COMMON_LRU);
 
 /// Floor 1: the cost of running an XDP program at all.
 #[xdp]
@@ -82,7 +86,18 @@ pub fn bench_parse_lookup(ctx: XdpContext) -> u32 {
 /// (what any connection tracking pays for a new flow, before picking a backend or forwarding).
 #[xdp]
 pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
-    let Some((src, dst, ports)) = ipv4_tuple(&ctx) else {
+    parse_insert(&ctx, &BENCH_FLOWS)
+}
+
+/// Floor 3 into a table with per-CPU LRU lists.
+#[xdp]
+pub fn bench_parse_insert_no_common(ctx: XdpContext) -> u32 {
+    parse_insert(&ctx, &BENCH_FLOWS_NO_COMMON)
+}
+
+#[inline(always)]
+fn parse_insert(ctx: &XdpContext, table: &LruHashMap<FlowKey, Flow>) -> u32 {
+    let Some((src, dst, ports)) = ipv4_tuple(ctx) else {
         return xdp_action::XDP_PASS;
     };
     // Zeroed word by word, then filled: LLVM would merge the zero fields of a struct literal
@@ -102,7 +117,7 @@ pub fn bench_parse_insert(ctx: XdpContext) -> u32 {
     crate::flow::zero_words(&mut raw);
     // SAFETY: all-zero is a valid Flow.
     let flow = unsafe { raw.assume_init_ref() };
-    match BENCH_FLOWS.insert(key, flow, 0) {
+    match table.insert(key, flow, 0) {
         Ok(()) => xdp_action::XDP_TX,
         Err(_) => xdp_action::XDP_DROP,
     }

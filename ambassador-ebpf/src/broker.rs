@@ -185,7 +185,7 @@ fn pick(
         return None;
     }
     let b = BACKENDS.get(id)?;
-    if b.valid == 0 || b.family != family {
+    if b.flags & ambassador_ebpf::BACKEND_VALID == 0 || b.family != family {
         return None;
     }
     let d = Dialed {

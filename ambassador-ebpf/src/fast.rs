@@ -8,8 +8,8 @@ use ambassador_ebpf::{
 
 use crate::{
     ctx::{bounded_u16, Ctx},
-    flow::{cache_slot, fast_lookup, flow_epoch},
-    maps::{clock_now, count, count_backend, fib_cache_jiffies, filter_has, FLOW_CACHE},
+    flow::{cache_slot, flow_epoch, key_words, lookup, reply_lookup},
+    maps::{clock_now, count, count_backend, fib_cache_jiffies, filter_has, scratch, FLOW_CACHE},
     parse::{ETH_HLEN, ETH_P_IP, IP_FRAG_MASK},
     route::{cached_route, send},
 };
@@ -161,21 +161,35 @@ fn fast_v4_inline<C: Ctx>(ctx: &C) -> Option<u32> {
     let route = match hit {
         Some(r) => r,
         None => {
-            let f = fast_lookup(src, dst, ports, proto_word)?;
-            // SAFETY: a live map value for the duration of the program.
-            let flow = unsafe { &*f };
-            // A service's packet on a forward entry, or a backend's on a reverse one.
-            if flow.direction != want {
-                return None;
-            }
-            cached_route(f, tot_len as u16, &mut 0)?;
+            // A service's packet: its flow's entry; a backend's: the flow it replies to. The
+            // key is built in this CPU's scratch space (see Scratch): on the stack it would
+            // not fit this frame beside the general path's.
+            let sc = scratch()?;
+            // SAFETY: this CPU's scratch slot, ours for the duration of the program.
+            let key = unsafe { &mut (*sc).key };
+            key_words(key, &[src, 0, 0, 0], &[dst, 0, 0, 0], ports, proto_word);
+            let (f, nat_addr, nat_port) = if for_service {
+                let f = lookup(key)?;
+                // SAFETY: a live map value for the duration of the program.
+                let flow = unsafe { &*f };
+                if flow.direction != FLOW_FORWARD {
+                    return None;
+                }
+                (f, flow.nat_addr[0], flow.nat_port)
+            } else {
+                let r = reply_lookup(&key.src, &key.dst, sport, dport, proto, FAMILY_V4)?;
+                (r.flow, r.nat_addr[0], r.nat_port)
+            };
+            let rt = cached_route(f, want, tot_len as u16, &mut 0)?;
+            // SAFETY: live map values for the duration of the program.
+            let (flow, rt) = unsafe { (&*f, &*rt) };
             let r = FastRoute {
-                nat_addr: flow.nat_addr[0],
-                nat_port: flow.nat_port,
+                nat_addr,
+                nat_port,
                 backend: flow.backend,
-                ifindex: flow.fib_ifindex,
-                mac_head: flow.fib_mac_head,
-                mac_tail: flow.fib_mac_tail,
+                ifindex: rt.ifindex,
+                mac_head: rt.mac_head,
+                mac_tail: rt.mac_tail,
             };
             if let Some(c) = slot {
                 // SAFETY: this CPU's slot; field by field (no memcpy in BPF).
@@ -186,8 +200,8 @@ fn fast_v4_inline<C: Ctx>(ctx: &C) -> Option<u32> {
                     (*c).proto_word = proto_word;
                     (*c).epoch = epoch;
                     (*c).tick = seen_clock(now);
-                    (*c).fib_stamp = flow.fib_stamp;
-                    (*c).fib_len = flow.fib_len;
+                    (*c).fib_stamp = rt.stamp;
+                    (*c).fib_len = rt.len;
                     (*c).direction = want;
                     (*c).nat_addr = r.nat_addr;
                     (*c).nat_port = r.nat_port;

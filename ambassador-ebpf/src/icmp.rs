@@ -1,23 +1,35 @@
 //! ICMP errors about tracked flows, translated like the flows they quote, so path-MTU
 //! discovery and unreachables work through the ambassador.
 
-use ambassador_ebpf::{csum, FlowKey, Stat, FAMILY_V4, FLOW_FORWARD, PROTO_TCP, PROTO_UDP};
+use ambassador_ebpf::{
+    csum, FlowKey, Stat, FAMILY_V4, FLOW_FORWARD, FLOW_REVERSE, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{
     ctx::{load, store, Ctx},
-    maps::{count, FLOWS},
+    flow::{lookup, reply_lookup},
+    maps::{count, scratch},
     nat::replace_addr,
     parse::Packet,
     path::to_sub,
 };
 
+/// How the quoted packet's flow was found: its client's entry (the quote is a reply we sent),
+/// or as the reply to it (the quote is a request we sent), and what its addresses become.
+struct Quoted {
+    direction: u32,
+    nat_addr: [u32; 4],
+    nat_port: u16,
+}
+
 /// An ICMP/ICMPv6 error quoting a packet of a tracked flow is translated like the flow, so
 /// path-MTU discovery and unreachables work through the ambassador. The quoted packet went out
 /// *from* us, so its reversed tuple is the key of the entry that produced it:
-/// - a forward entry (we sent service → client on behalf of the backend): the quote's source
+/// - the client's entry (we sent service → client on behalf of the backend): the quote's source
 ///   becomes the backend again, and an error addressed to the service address goes to the backend;
-/// - a reverse entry (we sent client → backend): the quote's destination becomes the service
-///   address again, and the error continues to the client.
+/// - else the flow it is a reply to, found as replies are (we sent client → backend): the
+///   quote's destination becomes the service address again, and the error continues to the
+///   client.
 #[inline(never)]
 pub(crate) fn icmp_error<C: Ctx>(ctx: &C, pkt: &Packet) -> u32 {
     to_sub(translate_icmp_error(ctx, pkt))
@@ -73,7 +85,11 @@ fn translate_icmp_error<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<bool, ()> {
     }
     let isport: u16 = load(ctx, il4)?;
     let idport: u16 = load(ctx, il4 + 2)?;
-    let key = FlowKey {
+    // In this CPU's scratch space, not on the stack (see Scratch).
+    let sc = scratch().ok_or(())?;
+    // SAFETY: this CPU's scratch slot, ours for the duration of the program.
+    let key = unsafe { &mut (*sc).key };
+    *key = FlowKey {
         src: idst,
         dst: isrc,
         sport: idport,
@@ -82,13 +98,27 @@ fn translate_icmp_error<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<bool, ()> {
         family: pkt.family,
         _pad: 0,
     };
-    // SAFETY: values are plain data read once.
-    let flow = match unsafe { FLOWS.get(&key) } {
-        Some(f) => *f,
-        None => {
-            count(Stat::PassNotOurs);
-            return Ok(false);
+    // SAFETY (both): live map values, plain data read once.
+    let flow = match lookup(key) {
+        Some(f) if unsafe { (*f).direction } == FLOW_FORWARD => {
+            let f = unsafe { &*f };
+            Quoted {
+                direction: FLOW_FORWARD,
+                nat_addr: f.nat_addr,
+                nat_port: f.nat_port,
+            }
         }
+        _ => match reply_lookup(&idst, &isrc, idport, isport, iproto, pkt.family) {
+            Some(r) => Quoted {
+                direction: FLOW_REVERSE,
+                nat_addr: r.nat_addr,
+                nat_port: r.nat_port,
+            },
+            None => {
+                count(Stat::PassNotOurs);
+                return Ok(false);
+            }
+        },
     };
     let (addr_off, old_addr, port_off) = if flow.direction == FLOW_FORWARD {
         (isrc_off, isrc, il4)

@@ -35,8 +35,12 @@ pub const TABLE_SIZE: u32 = 65_537;
 pub const MAX_SERVICES: u32 = 64;
 /// Backends across all services.
 pub const MAX_BACKENDS: u32 = 4_096;
-/// Tracked flows (each flow uses two entries: forward and reverse).
+/// Tracked flows (one entry each; two for a flow to a [`BACKEND_SHARED`] backend).
 pub const FLOW_TABLE_SIZE: u32 = 262_144;
+/// Backend address:port entries of `REPLY_NAT` (kept while flows to them may live).
+pub const MAX_REPLY_NAT: u32 = 4 * MAX_BACKENDS;
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash whose free and LRU lists are per CPU.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// Interfaces the XDP program may redirect to (`XDP_EGRESS`).
 pub const MAX_XDP_EGRESS: u32 = 1024;
 /// Entries of the address pre-filter; a power of two.
@@ -57,6 +61,12 @@ pub const SERVICE_PASS_TO_STACK: u32 = 1;
 /// [`Service::flags`]: the connect-time ambassador (cgroup `connect4`) rewrites connections to
 /// this service in the sockets of the configured cgroup, before any packet exists.
 pub const SERVICE_CONNECT_TIME: u32 = 2;
+
+/// [`Backend::flags`]: the slot holds a backend.
+pub const BACKEND_VALID: u8 = 1;
+/// [`Backend::flags`] and [`ReplyNat::flags`]: the backend's address:port serves more service
+/// addresses than `REPLY_NAT` holds, so a new flow to it also inserts a reverse entry.
+pub const BACKEND_SHARED: u8 = 2;
 
 /// [`Flow::direction`]: client → service, rewrite the destination to the backend.
 pub const FLOW_FORWARD: u32 = 0;
@@ -129,8 +139,8 @@ pub struct Backend {
     /// Wire port.
     pub port: u16,
     pub family: u8,
-    /// 1 when this slot holds a backend.
-    pub valid: u8,
+    /// [`BACKEND_VALID`] when this slot holds a backend, and [`BACKEND_SHARED`].
+    pub flags: u8,
 }
 
 /// `FLOWS` key: a packet's 5-tuple as it arrives.
@@ -146,7 +156,10 @@ pub struct FlowKey {
     pub _pad: u16,
 }
 
-/// `FLOWS` value: how to rewrite packets of a tracked flow.
+/// `FLOWS` value: how to rewrite packets of a tracked flow. One entry per flow, keyed by the
+/// client's packets as they arrive ([`FLOW_FORWARD`]): replies find it through `REPLY_NAT`
+/// (the backend's service addresses) and the client's tuple. A flow to a backend shared by more
+/// services than [`MAX_FRONTENDS`] has a second, [`FLOW_REVERSE`] entry keyed by the reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow {
@@ -161,25 +174,61 @@ pub struct Flow {
     pub backend: u32,
     /// Service id.
     pub service: u32,
-    /// Cached FIB result for this direction: egress ifindex, 0 when none is cached.
-    pub fib_ifindex: u32,
+    /// The route cached for the client's packets (to the backend).
+    pub to_backend: Route,
+    /// The route cached for the replies (to the client).
+    pub to_client: Route,
+    /// When a packet of the flow was last seen, in [`seen_clock`] units (256 jiffies).
+    pub last_seen: u32,
+    /// The TCP FIN and RST bits seen ([`TCP_FIN`], [`TCP_RST`]) in either direction. A flow
+    /// with either is closing, and a new SYN on its 5-tuple picks a backend again.
+    pub closing: u32,
+}
+
+/// A FIB result cached in a flow, for one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Route {
+    /// Egress ifindex, 0 when none is cached.
+    pub ifindex: u32,
     /// When the FIB result was cached, in [`fib_clock`] units.
-    pub fib_stamp: u32,
+    pub stamp: u32,
     /// The Ethernet header's first 8 bytes for this route (next hop's MAC, then the first two
     /// bytes of ours), as loaded from the packet; scalars, not a `[u8; 12]`, because BPF
     /// lowers array copies and zeroing to byte-loop calls.
-    pub fib_mac_head: u64,
+    pub mac_head: u64,
     /// The header's bytes 8..12 (the rest of our MAC).
-    pub fib_mac_tail: u32,
-    /// The largest IP length the cached route was checked for (MTU); longer packets look up again.
-    pub fib_len: u16,
-    pub _pad2: u16,
-    /// When a packet of this direction was last seen, in [`seen_clock`] units (256 jiffies).
-    pub last_seen: u32,
-    /// The TCP FIN and RST bits seen ([`TCP_FIN`], [`TCP_RST`]): in this direction, and on a
-    /// forward entry in either direction. A flow with either is closing, and a new SYN on its
-    /// 5-tuple picks a backend again.
-    pub closing: u32,
+    pub mac_tail: u32,
+    /// The largest IP length the route was checked for (MTU); longer packets look up again.
+    pub len: u16,
+    pub _pad: u16,
+}
+
+/// Service addresses a backend address:port can answer for without a reverse entry per flow
+/// (`REPLY_NAT`); a backend in more services than this is [`BACKEND_SHARED`].
+pub const MAX_FRONTENDS: usize = 4;
+
+/// One service address a backend answers for: the address replies are rewritten to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frontend {
+    /// Wire words, like [`ServiceKey::addr`].
+    pub addr: [u32; 4],
+    /// Wire port.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// `REPLY_NAT` value: the service addresses a backend address:port has been programmed behind
+/// (kept after it leaves them, while flows to it may live).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplyNat {
+    /// Entries of `frontends` in use (at most [`MAX_FRONTENDS`]).
+    pub count: u32,
+    /// [`BACKEND_SHARED`] when the backend had more service addresses than fit.
+    pub flags: u32,
+    pub frontends: [Frontend; MAX_FRONTENDS],
 }
 
 pub const TCP_FIN: u32 = 0x01;
@@ -222,8 +271,9 @@ pub const fn hz_from_coarse_resolution(ns: u64) -> u32 {
 /// Version of the layout of the maps a restarted daemon adopts (`FLOWS`, `ADDR_FILTER`, the
 /// counters). Bump it whenever their keys, values or meaning change: a daemon refuses to adopt
 /// pinned maps of another version rather than misread live flows. 2: flow clocks in jiffies;
-/// 3: two more global counters.
-pub const LAYOUT_VERSION: u32 = 3;
+/// 3: two more global counters; 4: one entry per flow with a route for each direction,
+/// `REPLY_NAT` and `FLOOD_FLOWS` adopted, two more counters.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Per-backend counters (per CPU; userspace sums them, and sums backends into services).
 #[repr(C)]
@@ -266,9 +316,15 @@ pub enum Stat {
     /// A new flow replaced a tracked entry of its 5-tuple (a SYN on a closed flow's tuple):
     /// every CPU's flow cache is invalidated.
     FlowReplaced = 12,
+    /// A new flow went to the flood table: this CPU had already put its share of new flows
+    /// into the connection table in this tick.
+    FloodDiverted = 13,
+    /// A TCP packet other than a SYN found no tracked flow and was given a backend again: its
+    /// entry was evicted or had expired (the evictions established flows see).
+    FlowRepicked = 14,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 15;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -279,6 +335,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::ReplyNat {}
     unsafe impl aya::Pod for super::Counters {}
 }
 
@@ -287,7 +344,10 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Service>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<Flow>() == 64);
+const _: () = assert!(core::mem::size_of::<Route>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 88);
+const _: () = assert!(core::mem::size_of::<Frontend>() == 20);
+const _: () = assert!(core::mem::size_of::<ReplyNat>() == 88);
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
 /// Wire words of an IPv4 address given as octets.

@@ -4,9 +4,9 @@
 //! `lib.rs`.
 
 use ambassador_ebpf::{
-    fib_clock, filter_index, Backend, Counters, Flow, FlowKey, Service, ServiceKey, Stat,
-    FILTER_SIZE, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_XDP_EGRESS, STAT_COUNT,
-    TABLE_SIZE,
+    fib_clock, filter_index, Backend, Counters, Flow, FlowKey, ReplyNat, Service, ServiceKey, Stat,
+    FILTER_SIZE, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_REPLY_NAT, MAX_SERVICES, MAX_XDP_EGRESS,
+    STAT_COUNT, TABLE_SIZE,
 };
 use aya_ebpf::{
     helpers::bpf_jiffies64,
@@ -23,12 +23,37 @@ pub(crate) static SERVICES: HashMap<ServiceKey, Service> =
 pub(crate) static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub(crate) static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES * TABLE_SIZE, 0);
-/// The kernel's common LRU (per-CPU free lists refilled in batches): measured here, inserts cost
-/// about a third less than with per-CPU LRU lists (BPF_F_NO_COMMON_LRU), whose every pop
-/// rotates the list.
+/// The connection table: one entry per flow (see [`Flow`]). The kernel's common LRU (per-CPU
+/// free lists refilled in batches from one shared list), chosen by `cargo xtask bench xdp`,
+/// which times parse + one insert into both flavours (262,144 entries, 40-byte key, 88-byte
+/// value): emptied, common 390 ns and per-CPU lists (`BPF_F_NO_COMMON_LRU`) 347 ns; full, every
+/// insert evicting, common 553 ns and per-CPU lists 670 ns. A busy node sits in the full state,
+/// and per-CPU lists also give each CPU only its share of the entries, so a node whose flows
+/// land on one CPU would track a fraction of them. One table, not one per CPU as Katran has:
+/// a flow's replies may arrive on another CPU (through TC on a veth) than its requests.
 #[map]
 pub(crate) static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+/// New flows past a CPU's share of `FLOWS` inserts in one tick ([`flood_limit`]) are tracked
+/// here instead, so a flood of new flows (SYNs from random sources, say) churns this table and
+/// not the established flows in `FLOWS`, which are refreshed at least once a tick per CPU.
+/// Looked up only while a flood was seen recently ([`FLOOD_SEEN`]). The loader sizes it to a
+/// quarter of `FLOWS`.
+#[map]
+pub(crate) static FLOOD_FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(FLOW_TABLE_SIZE / 4, 0);
+/// Each CPU's count of `FLOWS` inserts in the current tick.
+#[map]
+pub(crate) static FLOOD_RATE: PerCpuArray<FloodRate> = PerCpuArray::with_max_entries(1, 0);
+/// The last tick ([`ambassador_ebpf::seen_clock`]) a new flow went to `FLOOD_FLOWS`, plus one
+/// (0: never).
+#[map]
+pub(crate) static FLOOD_SEEN: Array<u32> = Array::with_max_entries(1, 0);
+/// Backend address:port → the service addresses it answers for: how a reply finds its flow's
+/// one entry (keyed by the client's tuple) without a reverse entry per flow.
+#[map]
+pub(crate) static REPLY_NAT: HashMap<ServiceKey, ReplyNat> =
+    HashMap::with_max_entries(MAX_REPLY_NAT, 0);
 /// Each CPU's flow cache: see [`CachedFlow`].
 #[map]
 pub(crate) static FLOW_CACHE: PerCpuArray<CachedFlow> =
@@ -52,6 +77,55 @@ static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT
 /// a read-only global, so the verifier folds it into the comparison.
 #[unsafe(no_mangle)]
 static FIB_CACHE_JIFFIES: u32 = 250;
+
+/// Each CPU's scratch space for the general path's keys and new entries: the 512-byte BPF stack
+/// holds the deepest chain of subprogram frames, and keys on it would overflow that chain (as
+/// Cilium keeps large temporaries in per-CPU maps). One user of each field at a time:
+/// - `key`: the packet's 5-tuple on the general path (or the quoted one in an ICMP error);
+/// - `probe` and `endpoint`: [`crate::flow::reply_lookup`]'s keys; `probe` is also
+///   [`crate::flow::track`]'s reverse key (no reply is looked up while a flow is tracked);
+/// - `flow`: the entry [`crate::flow::track`] inserts.
+///
+/// The programs run in softirq context, one at a time on a CPU, so nothing else writes a CPU's
+/// slot while a packet uses it.
+#[repr(C)]
+pub(crate) struct Scratch {
+    pub(crate) key: FlowKey,
+    pub(crate) probe: FlowKey,
+    pub(crate) endpoint: ServiceKey,
+    pub(crate) _pad: u32,
+    pub(crate) flow: Flow,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch space (`None` never happens: the array has its one slot).
+#[inline(always)]
+pub(crate) fn scratch() -> Option<*mut Scratch> {
+    SCRATCH.get_ptr_mut(0)
+}
+
+/// `FLOWS` inserts each CPU may make in one tick before new flows go to `FLOOD_FLOWS`. The
+/// loader sets it to a quarter of the table split over the CPUs, so the flows inserted between
+/// two refreshes of an established flow (one tick, two at most) are half the table: the LRU
+/// evicts the flood's own unrefreshed entries first. A read-only global.
+#[unsafe(no_mangle)]
+static FLOOD_INSERTS_PER_TICK: u32 = FLOW_TABLE_SIZE / 8;
+
+/// A CPU's `FLOWS` inserts in a tick.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct FloodRate {
+    pub(crate) tick: u32,
+    pub(crate) inserts: u32,
+}
+
+#[inline(always)]
+pub(crate) fn flood_limit() -> u32 {
+    // SAFETY: a read of our own read-only global, as in fib_cache_jiffies.
+    unsafe { core::ptr::read_volatile(&FLOOD_INSERTS_PER_TICK) }
+}
 
 #[inline(always)]
 pub(crate) fn fib_cache_jiffies() -> u32 {

@@ -7,16 +7,18 @@ use ambassador_ebpf::{
     FLOW_FORWARD, FLOW_REVERSE, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN,
 };
 
+use core::mem::MaybeUninit;
+
 use crate::{
     ctx::{load, Ctx},
     fast::{fast_v4, NOT_HANDLED},
-    flow::mark_closing,
+    flow::{lookup, mark_closing, ports_word, proto_word, reply_lookup_sub, Reply},
     icmp::icmp_error,
-    maps::{count, count_backend, filter_has, FLOWS, SERVICES},
+    maps::{count, count_backend, filter_has, scratch, SERVICES},
     nat::{rewrite_dst, rewrite_src},
     parse::{parse, tcp_flags, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6},
     route::forward,
-    select::to_service,
+    select::{to_service, NEW_MIDSTREAM, NEW_REPLACING},
 };
 
 /// What the program does with a packet, as its kind's action code.
@@ -28,7 +30,7 @@ pub(crate) fn run<C: Ctx>(ctx: &C) -> u32 {
     }
     let forward_it = match parse(ctx) {
         Ok(Some(pkt)) => match classify(ctx, &pkt) {
-            Ok(Verdict::Forward(flow)) => Ok(forward(ctx, &pkt, flow)),
+            Ok(Verdict::Forward(flow, direction)) => Ok(forward(ctx, &pkt, flow, direction)),
             Ok(Verdict::Pass) => Ok(C::PASS),
             Err(()) => Err(()),
         },
@@ -54,7 +56,7 @@ const SUB_MALFORMED: u32 = 2;
 pub(crate) fn from_sub(code: u32) -> Result<Verdict, ()> {
     match code {
         SUB_PASS => Ok(Verdict::Pass),
-        SUB_FORWARD => Ok(Verdict::Forward(core::ptr::null_mut())),
+        SUB_FORWARD => Ok(Verdict::Forward(core::ptr::null_mut(), FLOW_FORWARD)),
         _ => Err(()),
     }
 }
@@ -69,10 +71,11 @@ pub(crate) fn to_sub(r: Result<bool, ()>) -> u32 {
 }
 
 /// What to do with a packet: pass it untouched, or forward it (rewritten), using and
-/// refreshing the FIB result cached in its flow entry when there is one (else null).
+/// refreshing the FIB result its flow entry caches for the packet's direction when there is
+/// one (else null).
 pub(crate) enum Verdict {
     Pass,
-    Forward(*mut Flow),
+    Forward(*mut Flow, u32),
 }
 
 /// Decide what to do with a parsed packet.
@@ -107,7 +110,11 @@ fn l4_packet<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<Verdict, ()> {
     let sport: u16 = load(ctx, pkt.l4)?;
     let dport: u16 = load(ctx, pkt.l4 + 2)?;
     let bytes = pkt.len as u64;
-    let key = FlowKey {
+    // The key lives in this CPU's scratch space, not on the stack (see Scratch).
+    let sc = scratch().ok_or(())?;
+    // SAFETY: this CPU's scratch slot, ours for the duration of the program.
+    let key = unsafe { &mut (*sc).key };
+    *key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
         sport,
@@ -116,11 +123,14 @@ fn l4_packet<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<Verdict, ()> {
         family: pkt.family,
         _pad: 0,
     };
+    let key = &*key;
 
     if for_service {
         // Established flows first: one lookup, and they keep their backend whatever the
         // service's table now says.
-        if let Some(f) = FLOWS.get_ptr_mut(&key) {
+        let found = lookup(key);
+        let mut how = 0;
+        if let Some(f) = found {
             // SAFETY: a live map value for the duration of the program.
             let flow = unsafe { &*f };
             let tcp = tcp_flags(ctx, pkt)?;
@@ -131,8 +141,11 @@ fn l4_packet<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<Verdict, ()> {
                 let _ = mark_closing(f, tcp);
                 rewrite_dst(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
                 count_backend(flow.backend, bytes, false);
-                return Ok(Verdict::Forward(f));
+                return Ok(Verdict::Forward(f, FLOW_FORWARD));
             }
+            how = NEW_REPLACING;
+        } else if pkt.proto == PROTO_TCP && tcp_flags(ctx, pkt)? & TCP_SYN == 0 {
+            how = NEW_MIDSTREAM;
         }
         let skey = ServiceKey {
             addr: pkt.dst,
@@ -142,36 +155,46 @@ fn l4_packet<C: Ctx>(ctx: &C, pkt: &Packet) -> Result<Verdict, ()> {
         };
         // SAFETY: values are plain data; a concurrent update replaces the element (RCU).
         if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-            return from_sub(to_service(ctx, pkt, &key, svc));
+            return from_sub(to_service(ctx, pkt, key, svc, how));
         }
     }
     if filter_has(&pkt.src, FILTER_BACKEND) {
-        if let Some(f) = FLOWS.get_ptr_mut(&key) {
+        let mut out = MaybeUninit::<Reply>::uninit();
+        let found = reply_lookup_sub(
+            &mut out,
+            &pkt.src,
+            &pkt.dst,
+            ports_word(sport, dport),
+            proto_word(pkt.proto, pkt.family),
+        );
+        if found != 0 {
+            // SAFETY: written by reply_lookup_sub, which found it.
+            let r = unsafe { out.assume_init() };
+            let tcp = tcp_flags(ctx, pkt)?;
             // SAFETY: a live map value for the duration of the program.
-            let flow = unsafe { &*f };
-            if flow.direction == FLOW_REVERSE {
-                let tcp = tcp_flags(ctx, pkt)?;
-                if mark_closing(f, tcp) {
-                    // The backend closed: say so on the forward entry too, which is the one
-                    // userspace counts open flows by (a FIN or RST is rare: one more lookup).
-                    let fkey = FlowKey {
-                        src: pkt.dst,
-                        dst: flow.nat_addr,
-                        sport: dport,
-                        dport: flow.nat_port,
-                        proto: pkt.proto,
-                        family: pkt.family,
-                        _pad: 0,
-                    };
-                    if let Some(ff) = FLOWS.get_ptr_mut(&fkey) {
-                        mark_closing(ff, tcp);
-                    }
+            let flow = unsafe { &*r.flow };
+            if mark_closing(r.flow, tcp) && flow.direction == FLOW_REVERSE {
+                // A shared backend's flow has two entries: the forward one is what userspace
+                // counts open flows by (a FIN or RST is rare: one more lookup).
+                // SAFETY: the scratch probe key; reply_lookup is done with it.
+                let fkey = unsafe { &mut (*sc).probe };
+                *fkey = FlowKey {
+                    src: pkt.dst,
+                    dst: flow.nat_addr,
+                    sport: dport,
+                    dport: flow.nat_port,
+                    proto: pkt.proto,
+                    family: pkt.family,
+                    _pad: 0,
+                };
+                if let Some(ff) = lookup(fkey) {
+                    mark_closing(ff, tcp);
                 }
-                rewrite_src(ctx, pkt, &flow.nat_addr, flow.nat_port)?;
-                count_backend(flow.backend, bytes, false);
-                count(Stat::ReverseNat);
-                return Ok(Verdict::Forward(f));
             }
+            rewrite_src(ctx, pkt, &r.nat_addr, r.nat_port)?;
+            count_backend(flow.backend, bytes, false);
+            count(Stat::ReverseNat);
+            return Ok(Verdict::Forward(r.flow, FLOW_REVERSE));
         }
     }
     count(Stat::PassNotOurs);

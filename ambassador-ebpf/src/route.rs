@@ -1,7 +1,7 @@
 //! Sending a rewritten packet on its way: the route cached in its flow entry, or the FIB; one
 //! hop less; out of the egress interface.
 
-use ambassador_ebpf::{csum, Flow, Stat, FAMILY_V4};
+use ambassador_ebpf::{csum, Flow, Route, Stat, FAMILY_V4};
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
@@ -10,7 +10,7 @@ use core::mem::size_of;
 
 use crate::{
     ctx::{load, store, Ctx},
-    flow::{touch, touch_now, zero_words},
+    flow::{route_of, touch, touch_now, zero_words},
     maps::{clock_now, count, fib_cache_jiffies},
     parse::Packet,
 };
@@ -31,8 +31,8 @@ pub(crate) fn send<C: Ctx>(ctx: &C, ifindex: u32) -> u32 {
 /// or null) keeps the FIB result for `FIB_CACHE_JIFFIES`, for packets no longer than one it
 /// was checked for, so established flows skip the lookup.
 #[inline(never)]
-pub(crate) fn forward<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow) -> u32 {
-    match route(ctx, pkt, cache) {
+pub(crate) fn forward<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow, direction: u32) -> u32 {
+    match route(ctx, pkt, cache, direction) {
         Ok(action) => action,
         Err(()) => {
             count(Stat::PassUnparsed);
@@ -42,7 +42,7 @@ pub(crate) fn forward<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow) -> u32 {
 }
 
 #[inline(always)]
-fn route<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
+fn route<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow, direction: u32) -> Result<u32, ()> {
     if pkt.vlan {
         touch_now(cache);
         count(Stat::NatThenStack);
@@ -70,16 +70,16 @@ fn route<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
         touch_now(cache);
         None
     } else {
-        cached_route(cache, ip_len, &mut now)
+        cached_route(cache, direction, ip_len, &mut now)
     };
     let ifindex = match cached {
-        Some(f) => {
+        Some(r) => {
             // SAFETY: a live map value for the duration of the program.
-            let (head, tail) = unsafe { ((*f).fib_mac_head, (*f).fib_mac_tail) };
+            let (head, tail) = unsafe { ((*r).mac_head, (*r).mac_tail) };
             store(ctx, 0, head)?;
             store(ctx, 8, tail)?;
             // SAFETY: as above.
-            unsafe { (*f).fib_ifindex }
+            unsafe { (*r).ifindex }
         }
         None => {
             let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
@@ -115,14 +115,15 @@ fn route<C: Ctx>(ctx: &C, pkt: &Packet, cache: *mut Flow) -> Result<u32, ()> {
             store(ctx, 6, s)?;
             if !cache.is_null() && !gso {
                 let (head, tail): (u64, u32) = (load(ctx, 0)?, load(ctx, 8)?);
+                let r = route_of(cache, direction);
                 // SAFETY: a live map value (concurrent writers store the same route), and our
                 // fully written stack struct.
                 unsafe {
-                    (*cache).fib_ifindex = (*fib).ifindex;
-                    (*cache).fib_stamp = now;
-                    (*cache).fib_len = ip_len;
-                    (*cache).fib_mac_head = head;
-                    (*cache).fib_mac_tail = tail;
+                    (*r).ifindex = (*fib).ifindex;
+                    (*r).stamp = now;
+                    (*r).len = ip_len;
+                    (*r).mac_head = head;
+                    (*r).mac_tail = tail;
                 }
             }
             // SAFETY: as above.
@@ -151,22 +152,28 @@ fn decrement_ttl<C: Ctx>(ctx: &C, pkt: &Packet, ttl_off: usize, ttl: u8) -> Resu
     Ok(())
 }
 
-/// `cache` if it holds a fresh route checked for packets this long; sets `now` when it had to
-/// read the clock.
+/// The route `cache` holds for packets of `direction`, if it is fresh and was checked for
+/// packets this long; refreshes the flow's last-seen time and sets `now`.
 #[inline(always)]
-pub(crate) fn cached_route(cache: *mut Flow, ip_len: u16, now: &mut u32) -> Option<*mut Flow> {
+pub(crate) fn cached_route(
+    cache: *mut Flow,
+    direction: u32,
+    ip_len: u16,
+    now: &mut u32,
+) -> Option<*mut Route> {
     if cache.is_null() {
         return None;
     }
     *now = clock_now();
     touch(cache, *now);
+    let r = route_of(cache, direction);
     // SAFETY: a live map value for the duration of the program.
-    let f = unsafe { &*cache };
-    if f.fib_ifindex != 0
-        && now.wrapping_sub(f.fib_stamp) < fib_cache_jiffies()
-        && ip_len <= f.fib_len
+    let route = unsafe { &*r };
+    if route.ifindex != 0
+        && now.wrapping_sub(route.stamp) < fib_cache_jiffies()
+        && ip_len <= route.len
     {
-        Some(cache)
+        Some(r)
     } else {
         None
     }

@@ -87,11 +87,17 @@ impl Fixture {
     }
 
     fn with_config(kind: Kind, yaml: &str) -> Fixture {
+        Fixture::with_table(kind, yaml, ambassador_ebpf::FLOW_TABLE_SIZE)
+    }
+
+    /// With a connection table of `flows` entries.
+    fn with_table(kind: Kind, yaml: &str, flows: u32) -> Fixture {
         require_root();
         let ns = forwarding_netns();
         let cfg = Config::parse(Path::new("packet-test.yaml"), yaml).expect("test config");
         let plan = Plan::build(&cfg);
-        let mut dp = KernelDataplane::load().expect("load the kernel programs");
+        let mut dp = KernelDataplane::load_with_loader(&mut aya::EbpfLoader::new(), flows)
+            .expect("load the kernel programs");
         let ids = dp.apply(&plan).expect("program maps");
         {
             let _in = ns.enter();
@@ -363,6 +369,165 @@ fn reply_from_backend_is_rewritten_to_the_service_address(kind: Kind) {
     };
     assert_eq!(out, want.build());
     assert_eq!(f.stat("reverse_nat"), 1);
+}
+
+/// A reply finds its flow's one entry through the backend's service address; a packet from
+/// the backend that belongs to no flow (the backend talking to someone directly) is not ours.
+fn one_entry_per_flow_and_a_backends_own_traffic_passes_untouched(kind: Kind) {
+    let mut f = Fixture::new(kind);
+    let client = "198.51.100.19:40011";
+    let (_, backend) = f.pick("web4", client);
+    f.run(&Spec::tcp(client, "10.200.0.100:80").build());
+    assert_eq!(
+        f.dp.flow_entries().unwrap(),
+        1,
+        "one entry for the new flow"
+    );
+    // Same backend port, same client address, another client port: no flow.
+    let direct = Spec {
+        src_mac: backend_mac(backend),
+        dst_mac: LB_BACKEND_MAC,
+        tcp_flags: ACK | PSH,
+        ..Spec::tcp(&backend.to_string(), "198.51.100.19:40012")
+    }
+    .build();
+    assert_eq!(f.run(&direct), (XDP_PASS, direct.clone()));
+    assert_eq!(f.stat("reverse_nat"), 0);
+}
+
+/// More services on one backend address:port than `REPLY_NAT` holds: new flows to it get a
+/// reverse entry too, and every flow's replies still come from the service it was sent to.
+fn a_backend_behind_more_services_than_reply_nat_holds_gets_reverse_entries(kind: Kind) {
+    let n = ambassador_ebpf::MAX_FRONTENDS + 1;
+    let yaml: String = (0..n)
+        .map(|i| {
+            format!(
+                "  - name: s{i}\n    listen: 10.200.0.100:{}/tcp\n    split:\n      backends:\n        - {{ name: web, address: 10.200.2.2:8080 }}\n",
+                81 + i
+            )
+        })
+        .collect();
+    let mut f = Fixture::with_config(kind, &format!("services:\n{yaml}"));
+    let web: SocketAddr = "10.200.2.2:8080".parse().unwrap();
+    for i in 0..n {
+        let client = format!("198.51.100.60:{}", 42000 + i);
+        let service = format!("10.200.0.100:{}", 81 + i);
+        let syn = Spec::tcp(&client, &service);
+        let (action, out) = f.run(&syn.build());
+        assert_eq!(action, XDP_REDIRECT, "service {i}");
+        assert_eq!(out, expected_dnat(&syn, web), "service {i}");
+        let reply = Spec {
+            src_mac: WEB_MAC,
+            dst_mac: LB_BACKEND_MAC,
+            tcp_flags: ACK | PSH,
+            ..Spec::tcp(&web.to_string(), &client)
+        };
+        let (action, out) = f.run(&reply.build());
+        assert_eq!(action, XDP_REDIRECT, "reply of service {i}");
+        let want = Spec {
+            src: service.parse().unwrap(),
+            ttl: 63,
+            src_mac: LB_CLIENT_MAC,
+            dst_mac: GATEWAY_MAC,
+            ..reply.clone()
+        };
+        assert_eq!(out, want.build(), "reply of service {i}");
+    }
+    // The backend is shared, so every flow to it has two entries.
+    assert_eq!(f.dp.flow_entries().unwrap(), 2 * n);
+    assert_eq!(f.stat("reverse_nat"), n as u64);
+}
+
+/// A flood of new flows four times the connection table, with a weight change in the middle:
+/// every established flow keeps its backend, also after the clock's tick turns (when each CPU
+/// looks its flows up in the table again instead of using its cached copy).
+fn established_flows_outlive_a_flood_of_new_flows_and_a_weight_change(kind: Kind) {
+    pin_to_one_cpu();
+    const TABLE: u32 = 16_384;
+    let mut f = Fixture::with_table(kind, CONFIG, TABLE);
+    let dst_of = |out: &[u8]| -> [u8; 4] { out[30..34].try_into().unwrap() };
+    let established: Vec<Spec> = (0..1000u32)
+        .map(|i| Spec {
+            tcp_flags: ACK | PSH,
+            ..Spec::tcp(
+                &format!("198.18.{}.{}:40000", i / 250, i % 250 + 1),
+                "10.200.0.100:80",
+            )
+        })
+        .collect();
+    let mut backend_of = Vec::new();
+    for e in &established {
+        let (action, out) = f.run(
+            &Spec {
+                tcp_flags: 0x02,
+                ..e.clone()
+            }
+            .build(),
+        );
+        assert_eq!(action, XDP_REDIRECT);
+        backend_of.push(dst_of(&out));
+    }
+    let stream = |f: &mut Fixture, when: &str| {
+        for (i, e) in established.iter().enumerate() {
+            let (action, out) = f.run(&e.build());
+            assert_eq!(action, XDP_REDIRECT, "established flow {i} {when}");
+            assert_eq!(
+                dst_of(&out),
+                backend_of[i],
+                "established flow {i} moved {when}"
+            );
+        }
+    };
+    stream(&mut f, "before the flood");
+    let swapped = CONFIG
+        .replace("weight: 9 }", "weight: NINE }")
+        .replace("weight: 1 }", "weight: 9 }")
+        .replace("weight: NINE }", "weight: 1 }");
+    let moved = Plan::build(&Config::parse(Path::new("t.yaml"), &swapped).unwrap());
+    let flood = 4 * TABLE;
+    for n in 0..flood {
+        let src = format!(
+            "100.{}.{}.{}:{}",
+            64 + (n >> 16),
+            (n >> 8) & 255,
+            n & 255,
+            1024 + n % 50_000
+        );
+        let (action, _) = f.run(&Spec::tcp(&src, "10.200.0.100:80").build());
+        assert_eq!(action, XDP_REDIRECT, "flood flow {n}");
+        if n == flood / 2 {
+            f.dp.apply(&moved).expect("the weight change");
+        }
+        if n % 8192 == 0 {
+            stream(&mut f, "during the flood");
+        }
+    }
+    assert!(
+        f.stat("flood_diverted") > 0,
+        "no new flow went to the flood table"
+    );
+    // Past the clock's next tick every CPU looks its flows up in the table again.
+    let hz = *ambassador::dataplane::kernel::kernel_hz() as f64;
+    std::thread::sleep(std::time::Duration::from_secs_f64(
+        (1u32 << ambassador_ebpf::SEEN_SHIFT) as f64 / hz + 0.1,
+    ));
+    stream(&mut f, "after the flood");
+    assert_eq!(
+        f.stat("flow_repicked"),
+        0,
+        "an established flow lost its entry"
+    );
+    // The weight change did happen: new clients follow it.
+    let to_experiment = (0..200u32)
+        .filter(|i| {
+            let syn = Spec::tcp(&format!("203.0.113.{}:1", i + 1), "10.200.0.100:80");
+            dst_of(&f.run(&syn.build()).1) == [10, 200, 3, 2]
+        })
+        .count();
+    assert!(
+        to_experiment > 100,
+        "the weight change did not take: {to_experiment} of 200 new clients on the experiment"
+    );
 }
 
 fn ipv4_with_options_is_rewritten_and_options_kept(kind: Kind) {
@@ -812,11 +977,7 @@ fn flow_clock_counts_the_kernels_jiffies_and_stamps_flows() {
     f.run(&input.build());
     let now = ambassador_ebpf::seen_clock(f.dp.clock_now().expect("clock probe"));
     let stamps = f.dp.flow_stamps().expect("reading FLOWS");
-    assert_eq!(
-        stamps.len(),
-        2,
-        "one forward and one reverse entry: {stamps:?}"
-    );
+    assert_eq!(stamps.len(), 1, "one entry per flow: {stamps:?}");
     for s in stamps {
         assert!(now.wrapping_sub(s) <= 1, "last_seen {s}, clock {now}");
     }
@@ -891,6 +1052,9 @@ on_both_programs!(
     established_flow_keeps_its_backend_when_it_leaves_the_config,
     established_packets_use_the_cpus_flow_cache_and_a_reopened_tuple_voids_it,
     reply_from_backend_is_rewritten_to_the_service_address,
+    one_entry_per_flow_and_a_backends_own_traffic_passes_untouched,
+    a_backend_behind_more_services_than_reply_nat_holds_gets_reverse_entries,
+    established_flows_outlive_a_flood_of_new_flows_and_a_weight_change,
     ipv4_with_options_is_rewritten_and_options_kept,
     ipv6_tcp_flow_is_dnatted,
     udp_v4_and_v6_flows_are_dnatted_with_checksums,

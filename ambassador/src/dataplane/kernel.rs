@@ -10,8 +10,9 @@ use std::{
 };
 
 use ambassador_ebpf::{
-    filter_index, Backend, Counters, Service, ServiceKey, Stat, FILTER_BACKEND, FILTER_SERVICE,
-    FILTER_SIZE, LAYOUT_VERSION, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND, STAT_COUNT, TABLE_SIZE,
+    filter_index, Backend, Counters, Frontend, ReplyNat, Service, ServiceKey, Stat, BACKEND_SHARED,
+    BACKEND_VALID, FILTER_BACKEND, FILTER_SERVICE, FILTER_SIZE, LAYOUT_VERSION, MAX_BACKENDS,
+    MAX_FRONTENDS, MAX_REPLY_NAT, MAX_SERVICES, NO_BACKEND, STAT_COUNT, TABLE_SIZE,
 };
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -37,11 +38,13 @@ pub const PROGRAM_TC: &str = TC_PROGRAM;
 pub const CLOCK_PROBE: &str = "clock_probe";
 
 /// Names of the maps, as pinned under the pin directory.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 10] = [
     "SERVICES",
     "BACKENDS",
     "RINGS",
     "FLOWS",
+    "FLOOD_FLOWS",
+    "REPLY_NAT",
     "XDP_EGRESS",
     "ADDR_FILTER",
     "BACKEND_STATS",
@@ -49,10 +52,18 @@ pub const MAPS: [&str; 8] = [
 ];
 
 /// Maps a restarted daemon adopts from the pin directory instead of creating: the connection
-/// table, the address filter (replies of flows to removed backends still need it) and the
-/// counters. `SERVICES`, `BACKENDS` and `RINGS` are built fresh beside the live ones and take
-/// over with the new program in one atomic link update.
-pub const ADOPTED: [&str; 4] = ["FLOWS", "ADDR_FILTER", "BACKEND_STATS", "GLOBAL_STATS"];
+/// and flood tables, the address filter and the backends' service addresses (replies of flows
+/// to removed backends still need both) and the counters. `SERVICES`, `BACKENDS` and `RINGS`
+/// are built fresh beside the live ones and take over with the new program in one atomic link
+/// update.
+pub const ADOPTED: [&str; 6] = [
+    "FLOWS",
+    "FLOOD_FLOWS",
+    "REPLY_NAT",
+    "ADDR_FILTER",
+    "BACKEND_STATS",
+    "GLOBAL_STATS",
+];
 
 /// The kernel's view of an adopted map: (type, key size, value size, max entries).
 fn adopted_layout(name: &str) -> (MapType, u32, u32, u32) {
@@ -63,6 +74,18 @@ fn adopted_layout(name: &str) -> (MapType, u32, u32, u32) {
             size_of::<ambassador_ebpf::FlowKey>() as u32,
             size_of::<ambassador_ebpf::Flow>() as u32,
             ambassador_ebpf::FLOW_TABLE_SIZE,
+        ),
+        "FLOOD_FLOWS" => (
+            MapType::LruHash,
+            size_of::<ambassador_ebpf::FlowKey>() as u32,
+            size_of::<ambassador_ebpf::Flow>() as u32,
+            flood_table_size(ambassador_ebpf::FLOW_TABLE_SIZE),
+        ),
+        "REPLY_NAT" => (
+            MapType::Hash,
+            size_of::<ServiceKey>() as u32,
+            size_of::<ReplyNat>() as u32,
+            MAX_REPLY_NAT,
         ),
         "ADDR_FILTER" => (MapType::Array, 4, 4, FILTER_SIZE),
         "BACKEND_STATS" => (
@@ -137,6 +160,10 @@ pub fn check_adoptable(dir: &Path) -> Result<Option<u32>> {
             // The connection table's size is the operator's choice (--flow-table-size).
             max = info.max_entries();
             flows_size = Some(max);
+        }
+        if name == "FLOOD_FLOWS" {
+            // Sized from the connection table (checked in ADOPTED order, FLOWS first).
+            max = flood_table_size(flows_size.unwrap_or(ambassador_ebpf::FLOW_TABLE_SIZE));
         }
         let have = (
             info.map_type().ok(),
@@ -237,6 +264,9 @@ pub struct KernelDataplane {
     filter: Vec<u32>,
     /// What each `BACKENDS` slot was last written with, so unchanged ones are not rewritten.
     written_backends: HashMap<u32, Backend>,
+    /// What `REPLY_NAT` holds: each backend address:port's service addresses. Kept after a
+    /// backend leaves a service (its flows' replies still need it) until the table is full.
+    reply_nat: HashMap<ServiceKey, ReplyNat>,
     pinned: Option<PathBuf>,
     /// Ids a previous daemon gave services and backends: reused so adopted flows' counters
     /// and the tables stay consistent across a restart.
@@ -323,12 +353,13 @@ fn map_err(name: &str) -> String {
 impl KernelDataplane {
     /// Load the program and its maps into the kernel (the verifier runs here).
     pub fn load() -> Result<KernelDataplane> {
-        Self::load_with(&mut EbpfLoader::new())
+        Self::load_with(&mut EbpfLoader::new(), ambassador_ebpf::FLOW_TABLE_SIZE)
     }
 
-    /// Load with the caller's loader settings (the benchmark sizes its own maps this way).
-    pub fn load_with_loader(loader: &mut EbpfLoader) -> Result<KernelDataplane> {
-        Self::load_with(loader)
+    /// Load with the caller's loader settings (the benchmark sizes its own maps this way);
+    /// `flows` is the connection table's size, if the loader changes it.
+    pub fn load_with_loader(loader: &mut EbpfLoader, flows: u32) -> Result<KernelDataplane> {
+        Self::load_with(loader, flows)
     }
 
     /// Load with every map pinned under `dir`, adopting the connection table and counters a
@@ -358,7 +389,7 @@ impl KernelDataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut dp = Self::load_with(&mut loader)?;
+        let mut dp = Self::load_with(&mut loader, size)?;
         std::fs::create_dir_all(layout_marker(dir))
             .with_context(|| format!("creating {}", layout_marker(dir).display()))?;
         // The fresh tables replace the old pins (the running program keeps its own references).
@@ -402,6 +433,12 @@ impl KernelDataplane {
                     dp.backend_filter.insert(i);
                 }
             }
+            let m: BpfHashMap<_, ServiceKey, ReplyNat> =
+                BpfHashMap::try_from(dp.ebpf.map("REPLY_NAT").context(map_err("REPLY_NAT"))?)?;
+            for r in m.iter() {
+                let (k, v) = r.context("reading REPLY_NAT")?;
+                dp.reply_nat.insert(k, v);
+            }
             adoption = Adoption {
                 adopted: true,
                 flows: dp.flow_entries()?,
@@ -415,8 +452,10 @@ impl KernelDataplane {
         self.preferred = ids;
     }
 
-    fn load_with(loader: &mut EbpfLoader) -> Result<KernelDataplane> {
+    fn load_with(loader: &mut EbpfLoader, flows: u32) -> Result<KernelDataplane> {
         raise_memlock_limit();
+        loader.map_max_entries("FLOWS", flows);
+        loader.map_max_entries("FLOOD_FLOWS", flood_table_size(flows));
         // The program's aya-log statements write only when they would be shown: at debug for
         // its target (`RUST_LOG=ambassador=debug`), nothing otherwise.
         static DEBUG: u8 = 4; // aya_log_common::Level::Debug
@@ -429,6 +468,11 @@ impl KernelDataplane {
         loader.override_global("AYA_LOG_LEVEL", level, false);
         // Route-cache lifetime: one second of jiffies.
         loader.override_global("FIB_CACHE_JIFFIES", kernel_hz(), true);
+        // Each CPU's share of connection-table inserts per tick before new flows go to the
+        // flood table (see FLOOD_FLOWS in the program).
+        // The loader borrows the value until it loads; four bytes leaked a load.
+        let limit: &'static u32 = Box::leak(Box::new(flood_inserts_per_tick(flows)));
+        loader.override_global("FLOOD_INSERTS_PER_TICK", limit, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow::anyhow!(
                 "loading the eBPF object failed: {e} (needs root or CAP_BPF+CAP_NET_ADMIN, \
@@ -464,6 +508,7 @@ impl KernelDataplane {
             backend_filter: HashSet::new(),
             filter: vec![0; FILTER_SIZE as usize],
             written_backends: HashMap::new(),
+            reply_nat: HashMap::new(),
             pinned: None,
             preferred: Ids::default(),
         })
@@ -727,19 +772,26 @@ impl KernelDataplane {
             be_ids.push(ids);
         }
 
-        // 2. Backends the new tables point at.
+        // 2. Each backend address:port's service addresses, which replies are found by, before
+        //    any table can send a flow there; then the backends the new tables point at.
+        self.program_reply_nat(plan)?;
         {
             let mut backends: Array<_, Backend> =
                 Array::try_from(map_mut(&mut self.ebpf, "BACKENDS")?)?;
             for (s, ids) in plan.services.iter().zip(&be_ids) {
                 for (b, &id) in s.backends.iter().zip(ids) {
-                    let (addr, family) = wire_addr(b.address.ip());
+                    let ep = endpoint_key(b.address, s.listen.proto.number());
+                    let shared = self
+                        .reply_nat
+                        .get(&ep)
+                        .is_some_and(|r| r.flags & BACKEND_SHARED as u32 != 0);
                     let v = Backend {
-                        addr,
-                        port: ambassador_ebpf::wire_port(b.address.port()),
-                        family,
-                        valid: 1,
+                        addr: ep.addr,
+                        port: ep.port,
+                        family: ep.family,
+                        flags: BACKEND_VALID | if shared { BACKEND_SHARED } else { 0 },
                     };
+                    let addr = ep.addr;
                     // Only what changed: a set-weight rewrites no backend.
                     if self.written_backends.get(&id) != Some(&v) {
                         backends.set(id, v, 0).context("writing BACKENDS")?;
@@ -926,6 +978,80 @@ impl KernelDataplane {
         Ok(())
     }
 
+    /// Add each backend's service address to its `REPLY_NAT` entry. Entries are kept after a
+    /// backend leaves a service, so replies of its live flows are still found; when the map
+    /// would overflow, entries no configured backend and no tracked flow uses are dropped.
+    fn program_reply_nat(&mut self, plan: &Plan) -> Result<()> {
+        let mut want = self.reply_nat.clone();
+        let mut configured = HashSet::new();
+        for s in &plan.services {
+            let (addr, _) = wire_addr(s.listen.addr.ip());
+            let fe = Frontend {
+                addr,
+                port: ambassador_ebpf::wire_port(s.listen.addr.port()),
+                _pad: 0,
+            };
+            for b in &s.backends {
+                let ep = endpoint_key(b.address, s.listen.proto.number());
+                configured.insert(ep);
+                let r = want.entry(ep).or_default();
+                let n = r.count as usize;
+                if r.frontends[..n].contains(&fe) {
+                    continue;
+                }
+                if n < MAX_FRONTENDS {
+                    r.frontends[n] = fe;
+                    r.count += 1;
+                } else {
+                    r.flags |= BACKEND_SHARED as u32;
+                }
+            }
+        }
+        if want.len() > MAX_REPLY_NAT as usize {
+            let used = self.flow_endpoints()?;
+            want.retain(|k, _| configured.contains(k) || used.contains(k));
+            if want.len() > MAX_REPLY_NAT as usize {
+                bail!(
+                    "{} backend address:port pairs are configured or have live flows; the kernel holds {MAX_REPLY_NAT}",
+                    want.len()
+                );
+            }
+        }
+        let mut m: BpfHashMap<_, ServiceKey, ReplyNat> =
+            BpfHashMap::try_from(map_mut(&mut self.ebpf, "REPLY_NAT")?)?;
+        for k in self.reply_nat.keys().filter(|k| !want.contains_key(k)) {
+            let _ = m.remove(k);
+        }
+        for (k, v) in &want {
+            if self.reply_nat.get(k) != Some(v) {
+                m.insert(k, v, 0).context("writing REPLY_NAT")?;
+            }
+        }
+        self.reply_nat = want;
+        Ok(())
+    }
+
+    /// The backend address:port pairs tracked flows point at (walks both flow tables).
+    fn flow_endpoints(&self) -> Result<HashSet<ServiceKey>> {
+        use ambassador_ebpf::{Flow, FlowKey, FLOW_FORWARD};
+        let mut used = HashSet::new();
+        for name in ["FLOWS", "FLOOD_FLOWS"] {
+            let m = self.ebpf.map(name).with_context(|| map_err(name))?;
+            let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(m)?;
+            for (k, f) in flows.iter().filter_map(|r| r.ok()) {
+                if f.direction == FLOW_FORWARD {
+                    used.insert(ServiceKey {
+                        addr: f.nat_addr,
+                        port: f.nat_port,
+                        proto: k.proto,
+                        family: k.family,
+                    });
+                }
+            }
+        }
+        Ok(used)
+    }
+
     pub fn stats(&self) -> Result<Stats> {
         Stats::read(|name| {
             self.ebpf
@@ -996,6 +1122,8 @@ pub const STAT_NAMES: [(Stat, &str); STAT_COUNT as usize] = [
     (Stat::FlowInsertFailed, "flow_insert_failed"),
     (Stat::FlowCacheFill, "flow_cache_fill"),
     (Stat::FlowReplaced, "flow_replaced"),
+    (Stat::FloodDiverted, "flood_diverted"),
+    (Stat::FlowRepicked, "flow_repicked"),
 ];
 
 impl Stats {
@@ -1192,6 +1320,32 @@ fn seen_now_pinned(dir: &Path) -> Result<u32> {
     Ok(ambassador_ebpf::seen_clock(ambassador_ebpf::fib_clock(
         jiffies,
     )))
+}
+
+/// `REPLY_NAT`'s key for a backend address:port of a protocol.
+fn endpoint_key(address: SocketAddr, proto: u8) -> ServiceKey {
+    let (addr, family) = wire_addr(address.ip());
+    ServiceKey {
+        addr,
+        port: ambassador_ebpf::wire_port(address.port()),
+        proto,
+        family,
+    }
+}
+
+/// Entries of the flood table beside a connection table of `flows` entries: a quarter of it.
+pub fn flood_table_size(flows: u32) -> u32 {
+    (flows / 4).max(1024)
+}
+
+/// Each CPU's share of connection-table inserts in one tick before new flows go to the flood
+/// table: a quarter of the table over the possible CPUs. An established flow refreshes its
+/// entry at least once a tick on each CPU it uses, so at most half the table is inserted
+/// between two refreshes (a tick and a partial one), and the LRU evicts the flood's unrefreshed
+/// entries first.
+pub fn flood_inserts_per_tick(flows: u32) -> u32 {
+    let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1) as u32;
+    (flows / 4 / cpus).max(1)
 }
 
 /// Seconds to [`ambassador_ebpf::seen_clock`] ticks at `hz`.

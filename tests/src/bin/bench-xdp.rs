@@ -151,6 +151,7 @@ struct Round {
     est_miss: f64,
     new_flow: f64,
     insert: f64,
+    insert_nc: f64,
     wrap: f64,
     wrap_new: f64,
     tc_ok: f64,
@@ -226,7 +227,10 @@ fn main() {
     let _in = ns.enter();
     let cfg = Config::parse(Path::new("bench.yaml"), CONFIG).unwrap();
     let mut dp = KernelDataplane::load_with_loader(
-        EbpfLoader::new().map_max_entries("BENCH_FLOWS", FLOW_TABLE_SIZE),
+        EbpfLoader::new()
+            .map_max_entries("BENCH_FLOWS", FLOW_TABLE_SIZE)
+            .map_max_entries("BENCH_FLOWS_NO_COMMON", FLOW_TABLE_SIZE),
+        FLOW_TABLE_SIZE,
     )
     .expect("load");
     dp.apply(&Plan::build(&cfg)).expect("program maps");
@@ -235,6 +239,7 @@ fn main() {
         "bench_pass",
         "bench_parse_lookup",
         "bench_parse_insert",
+        "bench_parse_insert_no_common",
         "bench_restore",
         "bench_restore_uncached",
         "bench_restore_new_flow",
@@ -314,6 +319,14 @@ fn main() {
             &service,
             NEW_FLOWS,
         );
+        clear(&mut dp, "BENCH_FLOWS_NO_COMMON");
+        let (insert_nc, _) = wrapped(
+            &mut dp,
+            "bench_restore_new_flow",
+            "bench_parse_insert_no_common",
+            &service,
+            NEW_FLOWS,
+        );
         // The TC program on the same packets, against its own floor.
         let tc_ok = run_tc(&mut dp, "bench_tc_ok", &service, REPEAT);
         let tc_non_service = run_tc(&mut dp, "ambassador_tc", &other, REPEAT);
@@ -336,6 +349,7 @@ fn main() {
             est_miss: est_miss + pass,
             new_flow: new_flow + pass,
             insert: insert + pass,
+            insert_nc: insert_nc + pass,
             wrap,
             wrap_new,
             tc_ok,
@@ -344,22 +358,35 @@ fn main() {
             tc_new_flow: tc_new_flow + tc_ok,
         });
     }
-    // The steady state of a full table, where every insert also evicts: NEW_FLOWS_FULL per run.
-    let full: Vec<(f64, f64)> = (0..ROUNDS)
+    // The steady state of a full table, where every insert also evicts: NEW_FLOWS_FULL per run,
+    // the program and both floors back to back in each round.
+    let full: Vec<[f64; 4]> = (0..ROUNDS)
         .map(|_| {
             let pass = run(&mut dp, "bench_pass", &service, REPEAT);
-            let (t, _) = wrapped(
-                &mut dp,
-                "bench_restore_new_flow",
+            let mut t = [0.0; 3];
+            for (i, target) in [
                 "ambassador_xdp",
-                &service,
-                NEW_FLOWS_FULL,
-            );
-            (t + pass, (t + pass) / pass)
+                "bench_parse_insert",
+                "bench_parse_insert_no_common",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                t[i] = wrapped(
+                    &mut dp,
+                    "bench_restore_new_flow",
+                    target,
+                    &service,
+                    NEW_FLOWS_FULL,
+                )
+                .0 + pass;
+            }
+            [pass, t[0], t[1], t[2]]
         })
         .collect();
-    let new_flow_full = median(full.iter().map(|f| f.0).collect());
-    let new_flow_full_ratio = median(full.iter().map(|f| f.1).collect());
+    let fullm = |i: usize| median(full.iter().map(|f| f[i]).collect());
+    let (new_flow_full, insert_full, insert_nc_full) = (fullm(1), fullm(2), fullm(3));
+    let new_flow_full_ratio = median(full.iter().map(|f| f[1] / f[0]).collect());
     let ns = |f: fn(&Round) -> f64| median(r.iter().map(f).collect());
     let ratio = |f: fn(&Round) -> f64| median(r.iter().map(|x| f(x) / x.pass).collect());
     let pass = ns(|x| x.pass);
@@ -396,6 +423,10 @@ fn main() {
     println!(
         "floor parse + 1 connection-table insert (new key, emptied table of FLOWS' shape): {insert:.1} ns ({:.2}x)",
         ratio(|x| x.insert)
+    );
+    println!(
+        "LRU flavours, parse + 1 insert: common LRU {insert:.1} ns emptied, {insert_full:.1} ns full; per-CPU lists (BPF_F_NO_COMMON_LRU) {:.1} ns emptied, {insert_nc_full:.1} ns full",
+        ns(|x| x.insert_nc)
     );
     println!(
         "restore+tail-call wrappers, measured and subtracted: {wrap:.1} ns, new-flow {wrap_new:.1} ns"
