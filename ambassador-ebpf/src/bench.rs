@@ -15,9 +15,11 @@ use crate::ctx::Ctx;
 /// Bytes of the benchmark packet the wrappers restore (covers Ethernet + IPv4 + TCP headers).
 pub const BENCH_RESTORE_LEN: usize = 64;
 
-/// The original first bytes of the benchmark packet.
+/// The original first bytes of the benchmark packets: slot 0 for the wrappers that replay one
+/// packet, slot 1 for those that make every iteration a new flow (so one run can time
+/// established packets on one CPU while another floods new flows).
 #[map]
-static BENCH_PACKET: Array<[u64; BENCH_RESTORE_LEN / 8]> = Array::with_max_entries(1, 0);
+static BENCH_PACKET: Array<[u64; BENCH_RESTORE_LEN / 8]> = Array::with_max_entries(2, 0);
 /// Slot 0: the program under test.
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -130,12 +132,12 @@ pub fn bench_tc_ok(_ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn restore<C: Ctx>(ctx: &C) -> bool {
+fn restore<C: Ctx>(ctx: &C, slot: u32) -> bool {
     let start = ctx.data();
     if start + BENCH_RESTORE_LEN > ctx.data_end() {
         return false;
     }
-    let Some(orig) = BENCH_PACKET.get(0) else {
+    let Some(orig) = BENCH_PACKET.get(slot) else {
         return false;
     };
     let p = start as *mut u64;
@@ -150,7 +152,7 @@ fn restore<C: Ctx>(ctx: &C) -> bool {
 /// Restore the packet, then run the program under test.
 #[xdp]
 pub fn bench_restore(ctx: XdpContext) -> u32 {
-    if !restore(&ctx) {
+    if !restore(&ctx, 0) {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: tail call into slot 0 of our program array; on failure we fall through.
@@ -183,7 +185,7 @@ fn new_source<C: Ctx>(ctx: &C) -> bool {
 /// every iteration is a new flow.
 #[xdp]
 pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
-    if !restore(&ctx) || !new_source(&ctx) {
+    if !restore(&ctx, 1) || !new_source(&ctx) {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: as in bench_restore.
@@ -194,7 +196,7 @@ pub fn bench_restore_new_flow(ctx: XdpContext) -> u32 {
 /// [`bench_restore`] for TC programs.
 #[classifier]
 pub fn bench_tc_restore(ctx: TcContext) -> i32 {
-    if !restore(&ctx) {
+    if !restore(&ctx, 0) {
         return TC_ACT_SHOT as i32;
     }
     // SAFETY: tail call into slot 0 of our program array; on failure we fall through.
@@ -205,7 +207,7 @@ pub fn bench_tc_restore(ctx: TcContext) -> i32 {
 /// [`bench_restore_new_flow`] for TC programs.
 #[classifier]
 pub fn bench_tc_restore_new_flow(ctx: TcContext) -> i32 {
-    if !restore(&ctx) || !new_source(&ctx) {
+    if !restore(&ctx, 1) || !new_source(&ctx) {
         return TC_ACT_SHOT as i32;
     }
     // SAFETY: as in bench_tc_restore.
@@ -218,7 +220,7 @@ pub fn bench_tc_restore_new_flow(ctx: TcContext) -> i32 {
 /// packet of a flow in each clock tick does.
 #[xdp]
 pub fn bench_restore_uncached(ctx: XdpContext) -> u32 {
-    if !restore(&ctx) {
+    if !restore(&ctx, 0) {
         return xdp_action::XDP_ABORTED;
     }
     if let Some(e) = crate::maps::FLOW_EPOCH.get_ptr_mut(0) {

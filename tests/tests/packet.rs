@@ -96,7 +96,7 @@ impl Fixture {
         let ns = forwarding_netns();
         let cfg = Config::parse(Path::new("packet-test.yaml"), yaml).expect("test config");
         let plan = Plan::build(&cfg);
-        let mut dp = KernelDataplane::load_with_loader(&mut aya::EbpfLoader::new(), flows)
+        let mut dp = KernelDataplane::load_with_loader(&mut aya::EbpfLoader::new(), flows, None)
             .expect("load the kernel programs");
         let ids = dp.apply(&plan).expect("program maps");
         {

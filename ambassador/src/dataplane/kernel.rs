@@ -353,13 +353,22 @@ fn map_err(name: &str) -> String {
 impl KernelDataplane {
     /// Load the program and its maps into the kernel (the verifier runs here).
     pub fn load() -> Result<KernelDataplane> {
-        Self::load_with(&mut EbpfLoader::new(), ambassador_ebpf::FLOW_TABLE_SIZE)
+        Self::load_with(
+            &mut EbpfLoader::new(),
+            ambassador_ebpf::FLOW_TABLE_SIZE,
+            None,
+        )
     }
 
-    /// Load with the caller's loader settings (the benchmark sizes its own maps this way);
-    /// `flows` is the connection table's size, if the loader changes it.
-    pub fn load_with_loader(loader: &mut EbpfLoader, flows: u32) -> Result<KernelDataplane> {
-        Self::load_with(loader, flows)
+    /// Load with the caller's loader settings (the benchmark sizes its own maps this way), a
+    /// connection table of `flows` entries, and each CPU's connection-table inserts per tick
+    /// before new flows go to the flood table (default: [`flood_inserts_per_tick`]).
+    pub fn load_with_loader(
+        loader: &mut EbpfLoader,
+        flows: u32,
+        flood_limit: Option<u32>,
+    ) -> Result<KernelDataplane> {
+        Self::load_with(loader, flows, flood_limit)
     }
 
     /// Load with every map pinned under `dir`, adopting the connection table and counters a
@@ -389,7 +398,7 @@ impl KernelDataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut dp = Self::load_with(&mut loader, size)?;
+        let mut dp = Self::load_with(&mut loader, size, None)?;
         std::fs::create_dir_all(layout_marker(dir))
             .with_context(|| format!("creating {}", layout_marker(dir).display()))?;
         // The fresh tables replace the old pins (the running program keeps its own references).
@@ -452,7 +461,11 @@ impl KernelDataplane {
         self.preferred = ids;
     }
 
-    fn load_with(loader: &mut EbpfLoader, flows: u32) -> Result<KernelDataplane> {
+    fn load_with(
+        loader: &mut EbpfLoader,
+        flows: u32,
+        flood_limit: Option<u32>,
+    ) -> Result<KernelDataplane> {
         raise_memlock_limit();
         loader.map_max_entries("FLOWS", flows);
         loader.map_max_entries("FLOOD_FLOWS", flood_table_size(flows));
@@ -471,7 +484,8 @@ impl KernelDataplane {
         // Each CPU's share of connection-table inserts per tick before new flows go to the
         // flood table (see FLOOD_FLOWS in the program).
         // The loader borrows the value until it loads; four bytes leaked a load.
-        let limit: &'static u32 = Box::leak(Box::new(flood_inserts_per_tick(flows)));
+        let limit = flood_limit.unwrap_or_else(|| flood_inserts_per_tick(flows));
+        let limit: &'static u32 = Box::leak(Box::new(limit));
         loader.override_global("FLOOD_INSERTS_PER_TICK", limit, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             anyhow::anyhow!(
