@@ -375,17 +375,19 @@ pub(crate) fn track(key: &FlowKey, svc: &Service, id: u32, b: &Backend, replacin
         count(Stat::FlowInsertFailed);
         return;
     };
-    // SAFETY: this CPU's scratch slot, ours for the duration of the program (see Scratch).
-    let (flow, rkey) = unsafe { (&mut (*sc).flow, &mut (*sc).probe) };
-    *flow = Flow {
-        nat_addr: b.addr,
-        nat_port: b.port,
-        direction: FLOW_FORWARD,
-        last_seen: seen_clock(clock_now()),
-        backend: id,
-        service: svc.id,
-        ..Flow::default()
+    // SAFETY: this CPU's scratch slot, ours for the duration of the program (see Scratch);
+    // all-zero is a valid Flow (no route cached), and zero_words writes every byte.
+    let (flow, rkey) = unsafe {
+        let f = &raw mut (*sc).flow;
+        zero_words(&mut *(f as *mut MaybeUninit<Flow>));
+        (&mut *f, &mut (*sc).probe)
     };
+    flow.nat_addr = b.addr;
+    flow.nat_port = b.port;
+    flow.direction = FLOW_FORWARD;
+    flow.last_seen = seen_clock(clock_now());
+    flow.backend = id;
+    flow.service = svc.id;
     let flood = !replacing && divert_to_flood();
     let table = if flood { &FLOOD_FLOWS } else { &FLOWS };
     let (mut failed, mut replaced) = insert_flow(table, key, flow);
