@@ -93,8 +93,9 @@ enum Cmd {
         /// adopts every tracked flow; `ambassador detach` removes them.
         #[arg(long)]
         keep_on_exit: bool,
-        /// Entries of the kernel connection table (two per flow; about 200 bytes each). An
-        /// adopted table keeps its size until `ambassador detach`.
+        /// Entries of the kernel connection table (one per flow; about 200 bytes each), beside
+        /// a flood table a quarter its size. An adopted table keeps its size until
+        /// `ambassador detach`.
         #[arg(long, default_value_t = ambassador_ebpf::FLOW_TABLE_SIZE)]
         flow_table_size: u32,
         #[command(flatten)]

@@ -236,6 +236,143 @@ fn live_weight_change_keeps_streaming_connections_and_moves_new_clients() {
     assert!(backends.iter().any(|(_, b)| b.starts_with("web")));
 }
 
+/// IPv4 TCP SYNs from `n` random-looking sources to `dst`, sent from the calling thread's
+/// network namespace through a raw socket (the sources are spoofed: nothing answers them).
+fn syn_flood(dst: SocketAddr, n: u32, mut between: impl FnMut(u32)) {
+    use ambassador_tests::packets::Spec;
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let IpAddr::V4(ip) = dst.ip() else {
+        panic!("IPv4 only")
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    for i in 0..n {
+        let src = format!(
+            "100.{}.{}.{}:{}",
+            64 + (i >> 16),
+            (i >> 8) & 255,
+            i & 255,
+            1024 + i % 60_000
+        );
+        let frame = Spec {
+            payload: Vec::new(),
+            ..Spec::tcp(&src, &dst.to_string())
+        }
+        .build();
+        let ip_packet = &frame[14..];
+        // SAFETY: a valid buffer and sockaddr_in for the call.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                ip_packet.as_ptr().cast(),
+                ip_packet.len(),
+                0,
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        assert!(rc > 0, "sendto: {}", std::io::Error::last_os_error());
+        between(i);
+    }
+}
+
+/// The flood: 1,000 established keep-alive connections stream requests while 4x the
+/// connection table's size of SYNs from random sources arrive, with a weight change in the
+/// middle; then past the program clock's next tick. Every request of every established
+/// connection is answered by the backend it started on.
+#[test]
+fn established_connections_outlive_a_syn_flood_four_times_the_table_and_a_weight_change() {
+    const TABLE: u32 = 16_384;
+    let mut t = Topology::new(1000);
+    t.start_nginx(1);
+    t.write_config(&split_config(9, 1));
+    t.start_daemon_with(&["--flow-table-size", &TABLE.to_string()]);
+    t.assert_kernel_programs();
+    let clients = t.clients4.clone();
+    let mut conns: Vec<(IpAddr, KeepAlive, String)> = {
+        let _in = t.client.enter();
+        clients
+            .iter()
+            .map(|&c| {
+                let mut k = KeepAlive::open(c, vip4()).expect("open keep-alive");
+                let b = k.get().expect("first request");
+                (c, k, b)
+            })
+            .collect()
+    };
+    let stream = |conns: &mut Vec<(IpAddr, KeepAlive, String)>, when: &str| {
+        let _in = t.client.enter();
+        for (c, k, first) in conns.iter_mut() {
+            let b = k
+                .get()
+                .unwrap_or_else(|e| panic!("connection from {c} broke {when}: {e}"));
+            assert_eq!(&b, first, "connection from {c} changed backend {when}");
+        }
+    };
+    stream(&mut conns, "before the flood");
+    let flood = 4 * TABLE;
+    {
+        let _in = t.client.enter();
+        syn_flood(vip4(), flood, |i| {
+            if i == flood / 2 {
+                t.write_config(&split_config(1, 9));
+            }
+            if i % 8192 == 0 {
+                stream(&mut conns, "during the flood");
+            }
+        });
+    }
+    wait_generation(&t, 2);
+    // Past the program clock's next tick (256 jiffies, at most 2.56 s at HZ 100), when each CPU
+    // looks its flows up in the table again instead of its cached copy.
+    std::thread::sleep(Duration::from_millis(2700));
+    stream(&mut conns, "after the flood");
+    let status = t.status();
+    assert!(
+        kernel_stat(&status, "flood_diverted") > 0,
+        "no new flow went to the flood table"
+    );
+    assert_eq!(
+        kernel_stat(&status, "flow_repicked"),
+        0,
+        "an established flow lost its entry"
+    );
+    assert!(
+        kernel_stat(&status, "new_flow") >= u64::from(flood) / 2,
+        "the flood did not reach the program"
+    );
+    // The weight change took: new clients follow it.
+    let after = t.request_all(&t.clients4[..200], vip4());
+    let exp = share(&after, "experiment");
+    assert!(
+        exp > 0.8,
+        "experiment got {:.1}% after the change",
+        exp * 100.0
+    );
+}
+
+fn wait_generation(t: &Topology, generation: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.status()["generation"] != generation {
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied:\n{}",
+            t.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn broken_config_sent_by_sighup_is_rejected_and_traffic_keeps_flowing() {
     let t = started(100, 9, 1);
