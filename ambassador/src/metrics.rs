@@ -97,7 +97,7 @@ pub fn encode_report(r: &StatusReport) -> String {
     let kernel = Family::<NameLabel, Counter>::default();
     reg.register(
         "kernel_events",
-        "XDP program counters by event (see `ambassador status`)",
+        "Kernel program (XDP and TC) counters by event (see `ambassador status`)",
         kernel.clone(),
     );
     for (k, v) in &r.kernel {

@@ -351,6 +351,19 @@ fn established_connections_outlive_a_syn_flood_four_times_the_table_and_a_weight
         kernel_stat(&status, "new_flow") >= u64::from(flood) / 2,
         "the flood did not reach the program"
     );
+    // The same counters for Prometheus (/metrics serves a report up to a second old).
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics = t.lb.sh(&format!(
+        "curl -sf --unix-socket {} http://ambassador/metrics",
+        t.state_dir().join("admin.sock").display()
+    ));
+    let diverted = kernel_stat(&status, "flood_diverted");
+    assert!(
+        metrics.contains(&format!(
+            r#"ambassador_kernel_events_total{{name="flood_diverted"}} {diverted}"#
+        )) && metrics.contains(r#"ambassador_kernel_events_total{name="flow_repicked"} 0"#),
+        "{metrics}"
+    );
     // The weight change took: new clients follow it.
     let after = t.request_all(&t.clients4[..200], vip4());
     let exp = share(&after, "experiment");
