@@ -333,24 +333,34 @@ pub(crate) fn zero_words<T>(raw: &mut MaybeUninit<T>) {
     }
 }
 
-/// Whether this CPU has made its share of `FLOWS` inserts in this tick, which sends new flows
-/// to the flood table; counts the insert it is about to make when not.
+/// Whether this CPU is flooded, which sends its new flows to the flood table: its new flows in
+/// this tick, counting this one, or in the tick before, reached its share ([`flood_limit`]).
+/// So a flood puts at most one tick's share into the connection table, at its start, and
+/// none after while it lasts (the kernel's LRU is approximate: a table churned tick after tick
+/// evicts a few entries refreshed every tick, measured with a flood spread over many ticks).
 #[inline(always)]
 fn divert_to_flood() -> bool {
     let Some(r) = FLOOD_RATE.get_ptr_mut(0) else {
         return false;
     };
     let tick = seen_clock(clock_now());
+    let limit = flood_limit();
     // SAFETY: this CPU's slot, no concurrent writer.
-    unsafe {
+    let flooded = unsafe {
         if (*r).tick != tick {
+            (*r).prev = if (*r).tick.wrapping_add(1) == tick {
+                (*r).count
+            } else {
+                0
+            };
             (*r).tick = tick;
-            (*r).inserts = 0;
+            (*r).count = 0;
         }
-        if (*r).inserts < flood_limit() {
-            (*r).inserts += 1;
-            return false;
-        }
+        (*r).count = (*r).count.saturating_add(1);
+        (*r).count > limit || (*r).prev >= limit
+    };
+    if !flooded {
+        return false;
     }
     if let Some(seen) = FLOOD_SEEN.get_ptr_mut(0) {
         // SAFETY: a live map value; racing CPUs store the same tick. Written once a tick.
@@ -366,7 +376,7 @@ fn divert_to_flood() -> bool {
 
 /// Record a new flow: one entry, keyed by the client's packets, which replies also find (see
 /// [`reply_lookup`]); a flow to a [`BACKEND_SHARED`] backend has a reverse entry too. It goes to
-/// the connection table, or to the flood table past this CPU's share of inserts in this tick;
+/// the connection table, or to the flood table while this CPU is flooded;
 /// `replacing` (a closed flow's 5-tuple reused) always goes to the connection table, where
 /// lookups would find the old entry first.
 #[inline(always)]

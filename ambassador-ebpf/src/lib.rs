@@ -18,8 +18,8 @@
 //! | `BACKENDS` | array | backend id → [`Backend`] | [`MAX_BACKENDS`] | daemon | XDP, TC |
 //! | `RINGS` | array | `ring * TABLE_SIZE + slot` → backend id | `2 * MAX_SERVICES * TABLE_SIZE` | daemon | XDP, TC |
 //! | `FLOWS` | LRU hash (common LRU) | [`FlowKey`] of the client's packets → [`Flow`] (the backend, a cached route per direction): one entry per flow, a second keyed by the reply for a [`BACKEND_SHARED`] backend | [`FLOW_TABLE_SIZE`] (`--flow-table-size`) | XDP, TC (daemon reads) | XDP, TC |
-//! | `FLOOD_FLOWS` | LRU hash | as `FLOWS`: new flows past a CPU's share of `FLOWS` inserts in a tick | a quarter of `FLOWS` | XDP, TC | XDP, TC (while a flood was seen in the last 1,024 ticks) |
-//! | `FLOOD_RATE` | per-CPU array | 0 → this CPU's tick and `FLOWS` inserts in it | 1 | XDP, TC | XDP, TC |
+//! | `FLOOD_FLOWS` | LRU hash | as `FLOWS`: the new flows of a flooded CPU | a quarter of `FLOWS` | XDP, TC | XDP, TC (while a flood was seen in the last 1,024 ticks) |
+//! | `FLOOD_RATE` | per-CPU array | 0 → this CPU's tick and its new flows in it and in the tick before | 1 | XDP, TC | XDP, TC |
 //! | `FLOOD_SEEN` | array | 0 → the last tick a flow was diverted, + 1 | 1 | XDP, TC | XDP, TC |
 //! | `REPLY_NAT` | hash | backend address:port/proto ([`ServiceKey`]) → [`ReplyNat`]: the service addresses it answers for (up to [`MAX_FRONTENDS`], kept while flows may live) | [`MAX_REPLY_NAT`] | daemon | XDP, TC (replies, ICMP errors) |
 //! | `FLOW_CACHE` | per-CPU array | slot of an IPv4 5-tuple → a copy of its flow (`CachedFlow`) | 4,096 | XDP, TC | XDP, TC |

@@ -34,15 +34,15 @@ pub(crate) static RINGS: Array<u32> = Array::with_max_entries(2 * MAX_SERVICES *
 #[map]
 pub(crate) static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
-/// New flows past a CPU's share of `FLOWS` inserts in one tick ([`flood_limit`]) are tracked
-/// here instead, so a flood of new flows (SYNs from random sources, say) churns this table and
-/// not the established flows in `FLOWS`, which are refreshed at least once a tick per CPU.
+/// While a CPU is flooded (its new flows in this tick or the last reached [`flood_limit`]), its
+/// new flows are tracked here instead of in `FLOWS`, so a flood of new flows (SYNs from random
+/// sources, say) churns this table and not the established flows in `FLOWS`.
 /// Looked up only while a flood was seen recently ([`FLOOD_SEEN`]). The loader sizes it to a
 /// quarter of `FLOWS`.
 #[map]
 pub(crate) static FLOOD_FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(FLOW_TABLE_SIZE / 4, 0);
-/// Each CPU's count of `FLOWS` inserts in the current tick.
+/// Each CPU's count of new flows in the current and the previous tick.
 #[map]
 pub(crate) static FLOOD_RATE: PerCpuArray<FloodRate> = PerCpuArray::with_max_entries(1, 0);
 /// The last tick ([`ambassador_ebpf::seen_clock`]) a new flow went to `FLOOD_FLOWS`, plus one
@@ -106,19 +106,21 @@ pub(crate) fn scratch() -> Option<*mut Scratch> {
     SCRATCH.get_ptr_mut(0)
 }
 
-/// `FLOWS` inserts each CPU may make in one tick before new flows go to `FLOOD_FLOWS`. The
-/// loader sets it to a quarter of the table split over the CPUs, so the flows inserted between
-/// two refreshes of an established flow (one tick, two at most) are half the table: the LRU
-/// evicts the flood's own unrefreshed entries first. A read-only global.
+/// New flows each CPU may start in one tick before it counts as flooded. The loader sets it to
+/// a quarter of the table split over the CPUs. A flooded CPU (this tick's new flows or the
+/// last tick's reached it) sends every new flow to `FLOOD_FLOWS`, so a flood, however long,
+/// puts at most one tick's share into `FLOWS`. A read-only global.
 #[unsafe(no_mangle)]
 static FLOOD_INSERTS_PER_TICK: u32 = FLOW_TABLE_SIZE / 8;
 
-/// A CPU's `FLOWS` inserts in a tick.
+/// A CPU's new flows in the current tick and in the one before it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct FloodRate {
     pub(crate) tick: u32,
-    pub(crate) inserts: u32,
+    pub(crate) count: u32,
+    /// The previous tick's count, when that tick was the one just before `tick` (else 0).
+    pub(crate) prev: u32,
 }
 
 #[inline(always)]

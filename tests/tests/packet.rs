@@ -442,6 +442,19 @@ fn a_backend_behind_more_services_than_reply_nat_holds_gets_reverse_entries(kind
 /// every established flow keeps its backend, also after the clock's tick turns (when each CPU
 /// looks its flows up in the table again instead of using its cached copy).
 fn established_flows_outlive_a_flood_of_new_flows_and_a_weight_change(kind: Kind) {
+    flood_with_a_weight_change(kind, std::time::Duration::ZERO);
+}
+
+/// The same flood spread over many ticks of the flow clock (as a slow machine sends it): a
+/// connection table churned tick after tick lost a few entries refreshed every tick, so a
+/// flooded CPU sends every new flow to the flood table, not just those past its share.
+fn established_flows_outlive_a_flood_spread_over_many_ticks(kind: Kind) {
+    flood_with_a_weight_change(kind, std::time::Duration::from_micros(100));
+}
+
+/// 1,000 established flows; 4x the table of new flows, `pause` between each, with a weight
+/// change in the middle; the established flows keep sending four times a tick.
+fn flood_with_a_weight_change(kind: Kind, pause: std::time::Duration) {
     pin_to_one_cpu();
     const TABLE: u32 = 16_384;
     let mut f = Fixture::with_table(kind, CONFIG, TABLE);
@@ -501,6 +514,9 @@ fn established_flows_outlive_a_flood_of_new_flows_and_a_weight_change(kind: Kind
         );
         let (action, _) = f.run(&Spec::tcp(&src, "10.200.0.100:80").build());
         assert_eq!(action, XDP_REDIRECT, "flood flow {n}");
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
         if n == flood / 2 {
             f.dp.apply(&moved).expect("the weight change");
         }
@@ -1057,6 +1073,7 @@ on_both_programs!(
     one_entry_per_flow_and_a_backends_own_traffic_passes_untouched,
     a_backend_behind_more_services_than_reply_nat_holds_gets_reverse_entries,
     established_flows_outlive_a_flood_of_new_flows_and_a_weight_change,
+    established_flows_outlive_a_flood_spread_over_many_ticks,
     ipv4_with_options_is_rewritten_and_options_kept,
     ipv6_tcp_flow_is_dnatted,
     udp_v4_and_v6_flows_are_dnatted_with_checksums,

@@ -361,7 +361,7 @@ impl KernelDataplane {
     }
 
     /// Load with the caller's loader settings (the benchmark sizes its own maps this way), a
-    /// connection table of `flows` entries, and each CPU's connection-table inserts per tick
+    /// connection table of `flows` entries, and the new flows each CPU may start per tick
     /// before new flows go to the flood table (default: [`flood_inserts_per_tick`]).
     pub fn load_with_loader(
         loader: &mut EbpfLoader,
@@ -481,8 +481,8 @@ impl KernelDataplane {
         loader.override_global("AYA_LOG_LEVEL", level, false);
         // Route-cache lifetime: one second of jiffies.
         loader.override_global("FIB_CACHE_JIFFIES", kernel_hz(), true);
-        // Each CPU's share of connection-table inserts per tick before new flows go to the
-        // flood table (see FLOOD_FLOWS in the program).
+        // New flows each CPU may start per tick before it is flooded (see FLOOD_FLOWS in the
+        // program).
         // The loader borrows the value until it loads; four bytes leaked a load.
         let limit = flood_limit.unwrap_or_else(|| flood_inserts_per_tick(flows));
         let limit: &'static u32 = Box::leak(Box::new(limit));
@@ -1352,11 +1352,9 @@ pub fn flood_table_size(flows: u32) -> u32 {
     (flows / 4).max(1024)
 }
 
-/// Each CPU's share of connection-table inserts in one tick before new flows go to the flood
-/// table: a quarter of the table over the possible CPUs. An established flow refreshes its
-/// entry at least once a tick on each CPU it uses, so at most half the table is inserted
-/// between two refreshes (a tick and a partial one), and the LRU evicts the flood's unrefreshed
-/// entries first.
+/// New flows each CPU may start in one tick before it is flooded (and sends new flows to the
+/// flood table while it is): a quarter of the table over the possible CPUs, so a flood puts at
+/// most a quarter of the table into it, at its start.
 pub fn flood_inserts_per_tick(flows: u32) -> u32 {
     let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1) as u32;
     (flows / 4 / cpus).max(1)
