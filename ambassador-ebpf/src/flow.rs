@@ -159,23 +159,6 @@ pub(crate) struct Reply {
     pub(crate) nat_port: u16,
 }
 
-/// The flow of a packet from a backend (`src`:`sport`) to a client (`dst`:`dport`): for each
-/// service address the backend answers for (`REPLY_NAT`, one for nearly every backend), the
-/// client's own entry, if it was sent to this backend; for a [`BACKEND_SHARED`] backend, its
-/// reverse entry. `None`: not a reply we made (the backend talking to someone directly).
-/// Inlined into the straight-line path and ICMP errors, whose frames have room for it.
-#[inline(always)]
-pub(crate) fn reply_lookup(
-    src: &[u32; 4],
-    dst: &[u32; 4],
-    sport: u16,
-    dport: u16,
-    proto: u8,
-    family: u8,
-) -> Option<Reply> {
-    reply_lookup_inline(src, dst, sport, dport, proto, family)
-}
-
 /// [`reply_lookup`] as a subprogram of its own, for the general path, whose frame is the one
 /// every other subprogram's is stacked on (the 512-byte stack holds the deepest chain of
 /// frames): 1 when found, with the answer in `out`. Integers and pointers in and out, which
@@ -191,7 +174,7 @@ pub(crate) fn reply_lookup_sub(
     let [s0, s1, d0, d1] = ports.to_ne_bytes();
     let (sport, dport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));
     let [proto, family, _, _] = pw.to_ne_bytes();
-    match reply_lookup_inline(src, dst, sport, dport, proto, family) {
+    match reply_lookup(src, dst, sport, dport, proto, family) {
         Some(r) => {
             out.write(r);
             1
@@ -200,8 +183,13 @@ pub(crate) fn reply_lookup_sub(
     }
 }
 
+/// The flow of a packet from a backend (`src`:`sport`) to a client (`dst`:`dport`): for each
+/// service address the backend answers for (`REPLY_NAT`, one for nearly every backend), the
+/// client's own entry, if it was sent to this backend; for a [`BACKEND_SHARED`] backend, its
+/// reverse entry. `None`: not a reply we made (the backend talking to someone directly).
+/// Inlined into the straight-line path and ICMP errors, whose frames have room for it.
 #[inline(always)]
-fn reply_lookup_inline(
+pub(crate) fn reply_lookup(
     src: &[u32; 4],
     dst: &[u32; 4],
     sport: u16,

@@ -1371,30 +1371,36 @@ fn seen_ticks(secs: u64, hz: u32) -> u32 {
 /// once, holding nothing but the counts.
 pub fn open_flows_pinned(dir: &Path) -> Result<HashMap<SocketAddr, u64>> {
     use ambassador_ebpf::{Flow, FlowKey, FLOW_FORWARD};
-    let path = dir.join("FLOWS");
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
-    let map = Map::from_map_data(data)?;
-    let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(&map)?;
     let now = seen_now_pinned(dir)?;
     let hz = *kernel_hz();
     let (tcp_idle, udp_idle) = (seen_ticks(TCP_IDLE_SECS, hz), seen_ticks(UDP_IDLE_SECS, hz));
     let mut open = HashMap::new();
-    for (k, f) in flows.iter().filter_map(|r| r.ok()) {
-        if f.direction != FLOW_FORWARD || f.closing != 0 {
-            continue;
+    // Both tables: flows started during a flood live in the flood table.
+    let mut maps = Vec::new();
+    for name in ["FLOWS", "FLOOD_FLOWS"] {
+        let path = dir.join(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        maps.push(Map::from_map_data(data)?);
+    }
+    for m in &maps {
+        let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(m)?;
+        for (k, f) in flows.iter().filter_map(|r| r.ok()) {
+            if f.direction != FLOW_FORWARD || f.closing != 0 {
+                continue;
+            }
+            let idle = if k.proto == ambassador_ebpf::PROTO_TCP {
+                tcp_idle
+            } else {
+                udp_idle
+            };
+            if now.wrapping_sub(f.last_seen) > idle {
+                continue;
+            }
+            let ip = unwire_addr(&f.nat_addr, k.family);
+            let port = u16::from_be(f.nat_port);
+            *open.entry(SocketAddr::new(ip, port)).or_insert(0) += 1;
         }
-        let idle = if k.proto == ambassador_ebpf::PROTO_TCP {
-            tcp_idle
-        } else {
-            udp_idle
-        };
-        if now.wrapping_sub(f.last_seen) > idle {
-            continue;
-        }
-        let ip = unwire_addr(&f.nat_addr, k.family);
-        let port = u16::from_be(f.nat_port);
-        *open.entry(SocketAddr::new(ip, port)).or_insert(0) += 1;
     }
     Ok(open)
 }
