@@ -1,4 +1,4 @@
-//! The connection table: tracking a new flow in both directions, finding an established
+//! The connection table: tracking a new flow (one entry its replies also find), finding an established
 //! one, and each CPU's flow cache in front of the table.
 
 use ambassador_ebpf::{

@@ -63,7 +63,7 @@ pub struct RunOptions {
     /// At exit, leave the XDP program attached and its maps pinned (for an upgrade: the next
     /// daemon adopts them) instead of detaching.
     pub keep_on_exit: bool,
-    /// Entries of a new connection table (both directions of a flow take one each).
+    /// Entries of a new connection table (one per flow; two for a flow to a shared backend).
     pub flow_table_size: u32,
     /// The admin API's endpoint (default `STATE_DIR/admin.sock`).
     pub admin: Option<crate::admin::Endpoint>,

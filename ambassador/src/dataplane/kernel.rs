@@ -109,7 +109,7 @@ fn layout_marker(dir: &Path) -> PathBuf {
 pub struct Adoption {
     /// The connection table (and counters) of a previous daemon were adopted.
     pub adopted: bool,
-    /// Entries in the adopted connection table (both directions).
+    /// Entries in the adopted connection table (one per flow, two for a shared backend).
     pub flows: usize,
 }
 
@@ -1075,7 +1075,7 @@ impl KernelDataplane {
         })
     }
 
-    /// Number of tracked flow entries (both directions); walks the whole table.
+    /// Number of tracked flow entries (one per flow, two for a shared backend); walks the whole table.
     pub fn flow_entries(&self) -> Result<usize> {
         let m = self.ebpf.map("FLOWS").with_context(|| map_err("FLOWS"))?;
         let flows: BpfHashMap<_, ambassador_ebpf::FlowKey, ambassador_ebpf::Flow> =

@@ -26,7 +26,7 @@ use aya::{
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 9;
-/// New flows per run into an emptied flow table (262,144 entries, two per flow): it has room.
+/// New flows per run into an emptied flow table (262,144 entries, one per flow): it has room.
 const NEW_FLOWS: u32 = 50_000;
 /// New flows per run in the steady state of a full table, where every insert evicts.
 const NEW_FLOWS_FULL: u32 = 400_000;
